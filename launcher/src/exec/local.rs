@@ -1,0 +1,1 @@
+//! Local ranks: child processes of the launcher, each in its own process group.
