@@ -1,8 +1,29 @@
 //! ringleader: a launcher for distributed programs and an MLX-compatible ring backend.
 //!
-//! Concept map:
+//! Concept map, in the order a launch flows through it:
 //!
-//! - [`exec`]: the process transport. A `Spawner` starts one rank on one host
-//!   (local child processes here; OpenSSH and the simulator elsewhere).
+//! - [`cli`]: the command line, compatible with `mlx.launch` 0.32.
+//! - [`hostfile`]: `--hosts` lists and the two JSON hostfile forms.
+//! - [`plan`]: a pure function from hosts and options to one `RankSpec` per rank.
+//! - [`preflight`]: checks before launch (directory, command, busy ring ports).
+//! - [`exec`]: the process transport; a `Spawner` starts one rank on one host.
+//! - [`supervisor`]: the event loop that runs, watches and tears down a job.
+//! - [`output`]: forwards rank output without splicing lines of different ranks.
+//! - [`stdin`]: broadcasts the launcher's stdin to the ranks.
+//! - [`signals`]: the launcher's own SIGINT, SIGTERM and SIGHUP as a channel.
+//! - [`exit`]: the exit-code rule.
+//! - [`shell`]: POSIX shell quoting for every value sent to a shell.
+//! - [`app`]: ties the pieces together for the `ringleader` binary.
 
+pub mod app;
+pub mod cli;
 pub mod exec;
+pub mod exit;
+pub mod hostfile;
+pub mod output;
+pub mod plan;
+pub mod preflight;
+pub mod shell;
+pub mod signals;
+pub mod stdin;
+pub mod supervisor;

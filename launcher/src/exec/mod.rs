@@ -40,8 +40,11 @@ pub struct RankSpec {
     /// Files the spawner creates (mode 0600) before the rank starts and removes
     /// after it ends; each variable named here is set to its file's path.
     pub files: Vec<RankFile>,
-    /// Working directory; `None` keeps the spawner's default.
+    /// Working directory the rank must start in; a missing directory fails the rank.
     pub cwd: Option<PathBuf>,
+    /// Directory entered when `cwd` is `None` and this directory exists on the
+    /// host (mlx.launch tries the launcher's directory the same way).
+    pub default_cwd: Option<PathBuf>,
     /// Whether the rank's stdin is a pipe from the launcher (else `/dev/null`).
     pub stdin: bool,
 }
@@ -120,7 +123,8 @@ pub struct Spawned {
     pub stdout: ByteReader,
     pub stderr: ByteReader,
     /// Resolves once the rank's process has ended and been reaped, after the
-    /// spawner removed the rank's files. Dropping it does not stop the rank.
+    /// spawner killed (SIGKILL) whatever was left in the rank's process group
+    /// and removed the rank's files. Dropping it does not stop the rank.
     pub wait: BoxFuture<'static, io::Result<Termination>>,
     pub control: Box<dyn RankControl>,
 }

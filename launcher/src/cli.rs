@@ -1,0 +1,216 @@
+//! Command-line interface of the `ringleader` binary, compatible with `mlx.launch` 0.32.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// Help text printed after the options.
+const AFTER_HELP: &str = "\
+Examples:
+  ringleader -n 4 -- ringleader-bench            4 local ranks of the ring benchmark
+  ringleader --hosts 10.0.0.1,10.0.0.2 python3 train.py --epochs 3
+  ringleader --hostfile hosts.json --tag-output -- ./job
+
+Every rank gets MLX_RANK, MLX_HOSTFILE (ring backend, 2 or more ranks), MLX_WORLD_SIZE,
+RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
+
+Exit status:
+  0        every rank exited 0
+  1-255    the first failing rank's exit code, or 128+N if it was killed by signal N
+  2        invalid command line, hostfile or launch environment
+  124      --timeout expired
+  129/130/143  the launcher received SIGHUP/SIGINT/SIGTERM
+
+Signals: the first Ctrl-C is forwarded to the ranks as SIGINT, SIGTERM and SIGHUP as
+SIGTERM; a second signal, or the grace period running out, sends SIGKILL.";
+
+/// Launch a program on many hosts at once, as `mlx.launch` does, and report honestly how it went.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "ringleader", version, after_help = AFTER_HELP, max_term_width = 100)]
+pub struct Cli {
+    /// Comma-separated hosts to run on; 127.0.0.1, localhost and ::1 run locally without ssh.
+    #[arg(long, default_value = "127.0.0.1", help_heading = "Hosts")]
+    pub hosts: String,
+
+    /// Number of ranks to start on each host.
+    #[arg(short = 'n', long = "repeat-hosts", default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..), help_heading = "Hosts")]
+    pub repeat_hosts: u32,
+
+    /// JSON hostfile in mlx.launch format: a list of {"ssh", "ips", "rdma"} hosts, or an
+    /// object with "backend", "envs" and "hosts". Overrides --hosts.
+    #[arg(long, value_name = "FILE", help_heading = "Hosts")]
+    pub hostfile: Option<PathBuf>,
+
+    /// Distributed backend [default: the hostfile's "backend", else ring].
+    #[arg(long, value_enum, help_heading = "Backend")]
+    pub backend: Option<Backend>,
+
+    /// First port of the ring backend; each address of each rank takes the next one.
+    #[arg(short = 'p', long, default_value_t = 32323, value_name = "PORT", help_heading = "Backend")]
+    pub starting_port: u16,
+
+    /// Ring backend connections per IP address and rank, used in parallel.
+    #[arg(long, default_value_t = 1, value_name = "K",
+          value_parser = clap::value_parser!(u32).range(1..=64), help_heading = "Backend")]
+    pub connections_per_ip: u32,
+
+    /// Port of the NCCL coordinator on rank 0 (nccl backend only).
+    #[arg(long, default_value_t = 12345, value_name = "PORT", help_heading = "Backend")]
+    pub nccl_port: u16,
+
+    /// Extra argument for mpirun, split like a shell would (mpi backend only; repeatable).
+    #[arg(long, value_name = "ARGS", help_heading = "Backend")]
+    pub mpi_arg: Vec<String>,
+
+    /// Set KEY=VALUE in every rank's environment; KEY alone forwards the launcher's own
+    /// value. Repeatable; later values win over earlier ones and over the hostfile's "envs".
+    #[arg(long, value_name = "KEY[=VALUE]", help_heading = "Ranks")]
+    pub env: Vec<String>,
+
+    /// Working directory of every rank; the launch fails if it does not exist
+    /// [default: the launcher's directory when it exists on the host].
+    #[arg(long, value_name = "DIR", help_heading = "Ranks")]
+    pub cwd: Option<String>,
+
+    /// Run the command with this Python interpreter (prepended to the command).
+    #[arg(long, value_name = "PATH", help_heading = "Ranks")]
+    pub python: Option<String>,
+
+    /// Print the Python interpreter ranks would use and exit.
+    #[arg(long, help_heading = "Ranks")]
+    pub print_python: bool,
+
+    /// Which ranks receive the launcher's stdin.
+    #[arg(long, value_enum, default_value_t = StdinMode::All, value_name = "WHO", help_heading = "Ranks")]
+    pub stdin: StdinMode,
+
+    /// Seconds a rank gets to exit after SIGINT/SIGTERM before it gets SIGKILL.
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS", value_parser = parse_seconds,
+          help_heading = "Supervision")]
+    pub grace: f64,
+
+    /// Stop the whole job after this many seconds and exit 124 [default: no limit].
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, help_heading = "Supervision")]
+    pub timeout: Option<f64>,
+
+    /// Prefix every output line with the rank and host, as "[rank 3 host] ".
+    #[arg(long, help_heading = "Output")]
+    pub tag_output: bool,
+
+    /// Also write each rank's output to DIR/rank-N.stdout and DIR/rank-N.stderr.
+    #[arg(long, value_name = "DIR", help_heading = "Output")]
+    pub output_dir: Option<PathBuf>,
+
+    /// Print the per-rank plan (host, command, environment) and exit without starting anything.
+    #[arg(long, help_heading = "Output")]
+    pub dry_run: bool,
+
+    /// With --dry-run, print the plan as JSON.
+    #[arg(long, requires = "dry_run", help_heading = "Output")]
+    pub json: bool,
+
+    /// Log launcher decisions on stderr and set MLX_RING_VERBOSE=1 in the ranks.
+    #[arg(long, help_heading = "Output")]
+    pub verbose: bool,
+
+    /// The program to run and its arguments; everything after it belongs to it.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND",
+          required_unless_present = "print_python")]
+    pub command: Vec<String>,
+}
+
+/// Distributed backends known to mlx.launch.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    Ring,
+    Mpi,
+    Nccl,
+    Jaccl,
+    JacclRing,
+}
+
+impl Backend {
+    pub fn parse(name: &str) -> Option<Backend> {
+        <Backend as ValueEnum>::from_str(name, false).ok()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Ring => "ring",
+            Backend::Mpi => "mpi",
+            Backend::Nccl => "nccl",
+            Backend::Jaccl => "jaccl",
+            Backend::JacclRing => "jaccl-ring",
+        }
+    }
+}
+
+/// Which ranks get the launcher's stdin.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StdinMode {
+    /// Every rank reads a copy of the launcher's stdin.
+    All,
+    /// Only rank 0 reads the launcher's stdin.
+    #[value(name = "0")]
+    RankZero,
+    /// No rank reads it; ranks get /dev/null.
+    None,
+}
+
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("invalid number of seconds: {text:?}"))?;
+    if !seconds.is_finite() || seconds < 0.0 || seconds > 1e9 {
+        return Err(format!("seconds must be between 0 and 1e9, got {text}"));
+    }
+    Ok(seconds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("ringleader").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn flags_after_command_belong_to_command() {
+        let cli = parse(&["-n", "2", "python3", "train.py", "--verbose", "-n", "3"]);
+        assert_eq!(cli.repeat_hosts, 2);
+        assert!(!cli.verbose);
+        assert_eq!(cli.command, ["python3", "train.py", "--verbose", "-n", "3"]);
+    }
+
+    #[test]
+    fn double_dash_separates_command() {
+        let cli = parse(&["--verbose", "--", "--weird-program", "x"]);
+        assert!(cli.verbose);
+        assert_eq!(cli.command, ["--weird-program", "x"]);
+    }
+
+    #[test]
+    fn defaults_match_mlx_launch() {
+        let cli = parse(&["true"]);
+        assert_eq!(cli.hosts, "127.0.0.1");
+        assert_eq!(cli.repeat_hosts, 1);
+        assert_eq!(cli.starting_port, 32323);
+        assert_eq!(cli.connections_per_ip, 1);
+        assert_eq!(cli.stdin, StdinMode::All);
+        assert_eq!(cli.grace, 5.0);
+        assert_eq!(cli.backend, None);
+    }
+
+    #[test]
+    fn zero_repeat_is_rejected() {
+        assert!(Cli::try_parse_from(["ringleader", "-n", "0", "true"]).is_err());
+    }
+
+    #[test]
+    fn negative_grace_is_rejected() {
+        assert!(Cli::try_parse_from(["ringleader", "--grace", "-1", "true"]).is_err());
+    }
+}

@@ -1,0 +1,134 @@
+//! Checks made before any rank starts, so that mistakes cost an exit code 2
+//! and a clear message instead of a half-started job.
+
+use std::ffi::OsStr;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::exec::RankSpec;
+use crate::hostfile::is_local_name;
+use crate::plan::LaunchPlan;
+
+/// A problem found before launch.
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    #[error("--cwd {}: {reason}\nhint: pass an existing directory", path.display())]
+    Cwd { path: PathBuf, reason: String },
+    #[error("command not found: {command:?} is not in PATH\nhint: give the full path or fix PATH")]
+    CommandNotFound { command: String },
+    #[error("command {} is not executable\nhint: chmod +x it, or run it through its interpreter (for example --python python3)", path.display())]
+    NotExecutable { path: PathBuf },
+    #[error("command {} does not exist", path.display())]
+    CommandMissing { path: PathBuf },
+    #[error("ring port {port} of rank {rank} ({address}) is already in use\nhint: another job may be running; choose other ports with --starting-port")]
+    PortBusy { rank: usize, port: u16, address: String },
+    #[error("--output-dir {}: cannot create the directory", path.display())]
+    OutputDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Runs every check that applies to ranks on this machine.
+pub fn check(plan: &LaunchPlan, output_dir: Option<&Path>) -> Result<(), PreflightError> {
+    let local: Vec<&RankSpec> = plan.ranks.iter().filter(|r| is_local_name(&r.host)).collect();
+    if let Some(spec) = local.first() {
+        check_cwd(spec)?;
+        check_command(spec)?;
+    }
+    if plan.ranks.len() > 1 {
+        check_ring_ports(plan)?;
+    }
+    if let Some(dir) = output_dir {
+        std::fs::create_dir_all(dir).map_err(|source| PreflightError::OutputDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+fn check_cwd(spec: &RankSpec) -> Result<(), PreflightError> {
+    let Some(cwd) = &spec.cwd else {
+        return Ok(());
+    };
+    let reason = match std::fs::metadata(cwd) {
+        Ok(meta) if meta.is_dir() => return Ok(()),
+        Ok(_) => "is not a directory".to_string(),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => "does not exist".to_string(),
+        Err(error) => error.to_string(),
+    };
+    Err(PreflightError::Cwd { path: cwd.clone(), reason })
+}
+
+/// Resolves the command as execvp would: a name with a `/` is a path
+/// (relative to the rank's directory), anything else is looked up in PATH.
+fn check_command(spec: &RankSpec) -> Result<(), PreflightError> {
+    let Some(program) = spec.argv.first() else {
+        return Err(PreflightError::CommandNotFound { command: String::new() });
+    };
+    if program.contains('/') {
+        let mut path = PathBuf::from(program);
+        if path.is_relative() {
+            if let Some(dir) = spec.cwd.as_ref().or(spec.default_cwd.as_ref()) {
+                path = dir.join(path);
+            }
+        }
+        return match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => Ok(()),
+            Ok(_) => Err(PreflightError::NotExecutable { path }),
+            Err(_) => Err(PreflightError::CommandMissing { path }),
+        };
+    }
+
+    let path_var = spec
+        .env
+        .iter()
+        .find(|(key, _)| key == "PATH")
+        .map(|(_, value)| value.clone().into())
+        .or_else(|| std::env::var_os("PATH"))
+        .unwrap_or_default();
+    let mut found_not_executable = None;
+    for dir in std::env::split_paths(&path_var) {
+        let candidate = dir.join(OsStr::new(program));
+        if let Ok(meta) = std::fs::metadata(&candidate) {
+            if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+                return Ok(());
+            }
+            found_not_executable.get_or_insert(candidate);
+        }
+    }
+    match found_not_executable {
+        Some(path) => Err(PreflightError::NotExecutable { path }),
+        None => Err(PreflightError::CommandNotFound { command: program.clone() }),
+    }
+}
+
+/// Tries to bind every ring address of every local rank. Only "address in
+/// use" is an error; other bind failures are left for the rank to report.
+fn check_ring_ports(plan: &LaunchPlan) -> Result<(), PreflightError> {
+    for (rank, addresses) in plan.ring_table.iter().enumerate() {
+        if !is_local_name(&plan.ranks[rank].host) {
+            continue;
+        }
+        for address in addresses {
+            let Ok(socket) = address.parse::<SocketAddr>() else {
+                continue;
+            };
+            if let Err(error) = TcpListener::bind(socket) {
+                if error.kind() == io::ErrorKind::AddrInUse {
+                    return Err(PreflightError::PortBusy {
+                        rank,
+                        port: socket.port(),
+                        address: address.clone(),
+                    });
+                }
+                tracing::debug!(%address, %error, "cannot test-bind ring address");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,361 @@
+//! The supervisor: one event loop that starts the ranks, forwards their
+//! output and input, notices the first failure, tears the job down and
+//! decides the exit code.
+//!
+//! Each rank has a task that starts it through the [`Spawner`], forwards its
+//! signals and reports [`Event`]s. The loop in [`supervise`] owns every piece
+//! of user-visible state and talks to rank tasks only through channels.
+//! Teardown escalates: SIGINT or SIGTERM to every rank's process group, then
+//! SIGKILL when the grace period ends or a second launcher signal arrives.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::exec::{ByteReader, ByteWriter, RankSignal, RankSpec, Spawner, Termination};
+use crate::exit::{self, LauncherSignal, Outcome};
+use crate::output::{self, StreamWriter};
+use crate::stdin;
+
+mod report;
+
+pub use report::{summary, RankReport, RankState, Report, StopCause};
+
+/// Supervision settings from the command line.
+#[derive(Clone, Debug)]
+pub struct SupervisorOptions {
+    /// Time between SIGTERM (or SIGINT) and SIGKILL.
+    pub grace: Duration,
+    /// Whole-job limit; `None` waits forever.
+    pub timeout: Option<Duration>,
+    pub tag_output: bool,
+    pub output_dir: Option<PathBuf>,
+    /// How long to wait for ranks to end after SIGKILL before reporting them
+    /// as not confirmed dead (a remote host may be unreachable).
+    pub kill_confirm: Duration,
+}
+
+/// The launcher's own streams and signals, so tests and the simulator can supply their own.
+pub struct LauncherIo {
+    pub stdout: ByteWriter,
+    pub stderr: ByteWriter,
+    /// The launcher's stdin, read only if some rank takes stdin.
+    pub stdin: Option<ByteReader>,
+    pub signals: mpsc::UnboundedReceiver<LauncherSignal>,
+}
+
+/// What rank tasks tell the loop.
+#[derive(Debug)]
+enum Event {
+    Started { rank: usize, pid: Option<u32> },
+    SpawnFailed { rank: usize, error: String },
+    Ended { rank: usize, result: io::Result<Termination> },
+    /// Everything the rank wrote has reached the launcher's streams (or
+    /// stopped waiting for output a stray process holds open).
+    Finished { rank: usize },
+}
+
+/// The loop's state.
+struct Supervisor {
+    reports: Vec<RankReport>,
+    /// Per rank, the sender that forwards signals to its task.
+    controls: Vec<mpsc::UnboundedSender<RankSignal>>,
+    outcome: Outcome,
+    /// Why the job is being torn down, once it is.
+    stopping: Option<StopCause>,
+    /// When the grace period ends and SIGKILL goes out.
+    kill_at: Option<Instant>,
+    /// When to give up waiting for killed ranks, once SIGKILL went out.
+    give_up_at: Option<Instant>,
+    options: SupervisorOptions,
+}
+
+/// Runs the job described by `ranks` to completion and returns its report.
+/// The summary of failed and stopped ranks has been written to `io.stderr`.
+pub async fn supervise(
+    ranks: &[RankSpec],
+    spawner: Arc<dyn Spawner>,
+    options: SupervisorOptions,
+    io: LauncherIo,
+) -> Report {
+    let LauncherIo { stdout, stderr, stdin, mut signals } = io;
+    let labels = options.tag_output.then(|| tag_labels(ranks));
+    let (stdout_writer, stdout_done) = output::start_writer(stdout, labels.clone());
+    let (stderr_writer, stderr_done) = output::start_writer(stderr, labels);
+
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let stdin_registry = stdin::start_broadcast(stdin, ranks.iter().any(|r| r.stdin));
+    let mut supervisor = Supervisor::new(ranks, options.clone());
+    for spec in ranks {
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        supervisor.controls.push(control_tx);
+        let task = RankTask {
+            spec: spec.clone(),
+            spawner: spawner.clone(),
+            controls: control_rx,
+            events: events_tx.clone(),
+            stdout: stdout_writer.clone(),
+            stderr: stderr_writer.clone(),
+            stdin: stdin_registry.clone(),
+            output_dir: options.output_dir.clone(),
+            drain_limit: options.grace.max(Duration::from_secs(1)),
+        };
+        tokio::spawn(task.run());
+    }
+    drop((events_tx, stdin_registry, stdout_writer, stderr_writer));
+
+    let timeout_at = options.timeout.map(|limit| Instant::now() + limit);
+    while !supervisor.all_finished() {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => supervisor.on_event(event),
+                // Every rank task is gone, so nothing is left to wait for.
+                None => break,
+            },
+            Some(signal) = signals.recv() => supervisor.on_signal(signal),
+            _ = sleep_until(timeout_at), if supervisor.stopping.is_none() => {
+                supervisor.outcome.timed_out = true;
+                supervisor.stop(StopCause::Timeout);
+            }
+            _ = sleep_until(supervisor.kill_at), if supervisor.give_up_at.is_none() => supervisor.kill_all(),
+            _ = sleep_until(supervisor.give_up_at) => break,
+        }
+    }
+
+    let report = supervisor.into_report();
+    // The writers finish once every rank task dropped its clone; tasks of
+    // ranks not confirmed dead may still hold theirs, so do not wait for them.
+    let mut stderr = match tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stdout_done.await;
+        stderr_done.await
+    })
+    .await
+    {
+        Ok(Ok(stderr)) => Some(stderr),
+        _ => None,
+    };
+    let text = summary(&report);
+    if let (Some(sink), false) = (stderr.as_mut(), text.is_empty()) {
+        let _ = sink.write_all(text.as_bytes()).await;
+        let _ = sink.flush().await;
+    } else if !text.is_empty() {
+        eprint!("{text}");
+    }
+    report
+}
+
+/// Sleeps until `at`, or forever when it is `None`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn tag_labels(ranks: &[RankSpec]) -> Vec<String> {
+    let width = ranks.len().saturating_sub(1).to_string().len();
+    ranks.iter().map(|r| format!("[{:>width$} {}] ", r.rank, r.host)).collect()
+}
+
+impl Supervisor {
+    fn new(ranks: &[RankSpec], options: SupervisorOptions) -> Supervisor {
+        Supervisor {
+            reports: ranks.iter().map(RankReport::new).collect(),
+            controls: Vec::with_capacity(ranks.len()),
+            outcome: Outcome::default(),
+            stopping: None,
+            kill_at: None,
+            give_up_at: None,
+            options,
+        }
+    }
+
+    fn all_finished(&self) -> bool {
+        self.reports.iter().all(|r| r.finished)
+    }
+
+    fn on_event(&mut self, event: Event) {
+        tracing::debug!(?event, "rank event");
+        match event {
+            Event::Started { rank, pid } => {
+                self.reports[rank].pid = pid;
+                self.reports[rank].state = RankState::Running;
+                tracing::info!(rank, host = %self.reports[rank].host, pid, "rank started");
+            }
+            Event::SpawnFailed { rank, error } => {
+                self.reports[rank].state = RankState::SpawnFailed(error);
+                self.reports[rank].finished = true;
+                if self.stopping.is_none() {
+                    self.outcome.spawn_failed = true;
+                    self.stop(StopCause::RankFailed(rank));
+                }
+            }
+            Event::Ended { rank, result } => self.on_rank_ended(rank, result),
+            Event::Finished { rank } => self.reports[rank].finished = true,
+        }
+    }
+
+    fn on_rank_ended(&mut self, rank: usize, result: io::Result<Termination>) {
+        let termination = match result {
+            Ok(termination) => termination,
+            Err(error) => {
+                tracing::error!(rank, %error, "waiting for the rank failed");
+                Termination::Exited(-1)
+            }
+        };
+        tracing::info!(rank, %termination, "rank ended");
+        self.reports[rank].state = RankState::Ended(termination);
+        if !termination.success() && self.stopping.is_none() {
+            self.outcome.first_failure = Some((rank, termination));
+            self.stop(StopCause::RankFailed(rank));
+        }
+    }
+
+    fn on_signal(&mut self, signal: LauncherSignal) {
+        tracing::info!(signal = signal.name(), "launcher received a signal");
+        if self.stopping.is_none() {
+            self.outcome.interrupted = Some(signal);
+            self.stop(StopCause::Signal(signal));
+        } else if self.give_up_at.is_none() {
+            // A signal during teardown means "now": skip the rest of the grace period.
+            self.kill_all();
+        }
+    }
+
+    /// Starts teardown: the first signal to every rank that has not ended.
+    fn stop(&mut self, cause: StopCause) {
+        tracing::info!(?cause, "stopping the job");
+        self.stopping = Some(cause);
+        let signal = match cause {
+            StopCause::Signal(LauncherSignal::Interrupt) => RankSignal::Interrupt,
+            _ => RankSignal::Terminate,
+        };
+        for (rank, report) in self.reports.iter_mut().enumerate() {
+            if report.is_alive() {
+                report.stopped_by = Some(cause);
+                let _ = self.controls[rank].send(signal);
+            }
+        }
+        self.kill_at = Some(Instant::now() + self.options.grace);
+    }
+
+    fn kill_all(&mut self) {
+        for (rank, report) in self.reports.iter_mut().enumerate() {
+            if report.is_alive() {
+                tracing::info!(rank, "sending SIGKILL");
+                report.killed = true;
+                let _ = self.controls[rank].send(RankSignal::Kill);
+            }
+        }
+        self.give_up_at = Some(Instant::now() + self.options.kill_confirm);
+    }
+
+    fn into_report(mut self) -> Report {
+        for report in &mut self.reports {
+            if !report.finished && matches!(report.state, RankState::Running | RankState::Starting) {
+                report.state = RankState::Unconfirmed;
+            }
+        }
+        let exit_code = exit::exit_code(&self.outcome);
+        Report {
+            ranks: self.reports,
+            outcome: self.outcome,
+            exit_code,
+        }
+    }
+}
+
+/// One rank's task: start it, relay signals, wait for its end and its output.
+struct RankTask {
+    spec: RankSpec,
+    spawner: Arc<dyn Spawner>,
+    controls: mpsc::UnboundedReceiver<RankSignal>,
+    events: mpsc::UnboundedSender<Event>,
+    stdout: StreamWriter,
+    stderr: StreamWriter,
+    stdin: stdin::Registry,
+    output_dir: Option<PathBuf>,
+    /// How long to wait for the output pipes to close after the rank ended.
+    drain_limit: Duration,
+}
+
+impl RankTask {
+    async fn run(mut self) {
+        let rank = self.spec.rank;
+        // Signals sent while the rank is starting wait in `controls` and are
+        // delivered as soon as it runs.
+        let spawned = match self.spawner.spawn(&self.spec).await {
+            Ok(spawned) => spawned,
+            Err(error) => {
+                let _ = self.events.send(Event::SpawnFailed { rank, error: error_chain(&error) });
+                return;
+            }
+        };
+        let _ = self.events.send(Event::Started { rank, pid: spawned.pid });
+
+        let (stdout_copy, stderr_copy) = self.open_copies().await;
+        let stdout = self.stdout.clone();
+        let stderr = self.stderr.clone();
+        let pump_out = tokio::spawn(async move { stdout.pump(rank, spawned.stdout, stdout_copy).await });
+        let pump_err = tokio::spawn(async move { stderr.pump(rank, spawned.stderr, stderr_copy).await });
+        if let Some(writer) = spawned.stdin {
+            self.stdin.register(rank, writer);
+        }
+        drop(self.stdin);
+
+        let control = spawned.control;
+        let mut wait = spawned.wait;
+        let result = loop {
+            tokio::select! {
+                result = &mut wait => break result,
+                Some(signal) = self.controls.recv() => {
+                    if let Err(error) = control.signal(signal).await {
+                        tracing::warn!(rank, %error, ?signal, "signalling the rank failed");
+                    }
+                }
+            }
+        };
+        let _ = self.events.send(Event::Ended { rank, result });
+
+        let pumps = async {
+            let _ = pump_out.await;
+            let _ = pump_err.await;
+        };
+        if tokio::time::timeout(self.drain_limit, pumps).await.is_err() {
+            tracing::warn!(
+                rank,
+                "the rank ended but its output is still open, held by a process outside its process group; not waiting for it"
+            );
+        }
+        let _ = self.events.send(Event::Finished { rank });
+    }
+
+    async fn open_copies(&self) -> (Option<ByteWriter>, Option<ByteWriter>) {
+        let Some(dir) = &self.output_dir else {
+            return (None, None);
+        };
+        match output::open_rank_files(dir, self.spec.rank).await {
+            Ok((out, err)) => (Some(out), Some(err)),
+            Err(error) => {
+                tracing::error!(rank = self.spec.rank, dir = %dir.display(), %error, "cannot create the rank's output files");
+                (None, None)
+            }
+        }
+    }
+}
+
+/// Formats an error with its sources, as "outer: inner: innermost".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text += &format!(": {cause}");
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,124 @@
+//! The job report and the summary the launcher prints on stderr.
+
+use crate::exec::{RankSpec, Termination};
+use crate::exit::{LauncherSignal, Outcome};
+
+/// Why the launcher stopped ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopCause {
+    RankFailed(usize),
+    Signal(LauncherSignal),
+    Timeout,
+}
+
+impl StopCause {
+    fn describe(self) -> String {
+        match self {
+            StopCause::RankFailed(rank) => format!("stopped after rank {rank} failed"),
+            StopCause::Signal(signal) => format!("stopped because the launcher received {}", signal.name()),
+            StopCause::Timeout => "stopped by --timeout".to_string(),
+        }
+    }
+}
+
+/// Where a rank is in its life.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RankState {
+    Starting,
+    SpawnFailed(String),
+    Running,
+    Ended(Termination),
+    /// SIGKILL went out but the rank's end was never confirmed.
+    Unconfirmed,
+}
+
+/// One rank's line in the report.
+#[derive(Clone, Debug)]
+pub struct RankReport {
+    pub rank: usize,
+    pub host: String,
+    pub pid: Option<u32>,
+    pub state: RankState,
+    /// Set when the launcher signalled the rank, with the reason.
+    pub stopped_by: Option<StopCause>,
+    /// Whether the rank was sent SIGKILL.
+    pub killed: bool,
+    /// Whether the rank ended and all its output was forwarded.
+    pub finished: bool,
+}
+
+impl RankReport {
+    pub fn new(spec: &RankSpec) -> RankReport {
+        RankReport {
+            rank: spec.rank,
+            host: spec.host.clone(),
+            pid: None,
+            state: RankState::Starting,
+            stopped_by: None,
+            killed: false,
+            finished: false,
+        }
+    }
+
+    /// Whether the rank may still be running.
+    pub fn is_alive(&self) -> bool {
+        matches!(self.state, RankState::Starting | RankState::Running)
+    }
+}
+
+/// Everything the launcher learned about the job.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub ranks: Vec<RankReport>,
+    pub outcome: Outcome,
+    pub exit_code: i32,
+}
+
+/// Renders one line per rank that failed, was stopped or was not confirmed
+/// dead, after a headline. Empty when every rank exited 0 on its own.
+pub fn summary(report: &Report) -> String {
+    let notable: Vec<&RankReport> = report
+        .ranks
+        .iter()
+        .filter(|r| r.stopped_by.is_some() || !matches!(r.state, RankState::Ended(Termination::Exited(0))))
+        .collect();
+    if notable.is_empty() {
+        return String::new();
+    }
+
+    let outcome = &report.outcome;
+    let headline = if let Some(signal) = outcome.interrupted {
+        format!("interrupted by {}", signal.name())
+    } else if outcome.timed_out {
+        "the job hit --timeout".to_string()
+    } else if let Some((rank, termination)) = outcome.first_failure {
+        format!("rank {rank} failed with {termination}")
+    } else if outcome.spawn_failed {
+        "a rank could not be started".to_string()
+    } else {
+        "the job did not finish cleanly".to_string()
+    };
+    let mut text = format!("ringleader: {headline}; exit code {}\n", report.exit_code);
+    for rank in notable {
+        text += &format!("ringleader:   rank {} on {}", rank.rank, rank.host);
+        if let Some(pid) = rank.pid {
+            text += &format!(" (pid {pid})");
+        }
+        text += &match &rank.state {
+            RankState::Starting => ": never started".to_string(),
+            RankState::SpawnFailed(error) => format!(": failed to start: {error}"),
+            RankState::Running | RankState::Unconfirmed => {
+                ": NOT confirmed dead after SIGKILL; check the host for leftover processes".to_string()
+            }
+            RankState::Ended(termination) => format!(": {termination}"),
+        };
+        if let Some(cause) = rank.stopped_by {
+            text += &format!(", {}", cause.describe());
+            if rank.killed {
+                text += " and sent SIGKILL";
+            }
+        }
+        text.push('\n');
+    }
+    text
+}
