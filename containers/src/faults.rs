@@ -1,0 +1,130 @@
+//! Fault actions on single nodes of a [`Cluster`].
+//!
+//! | action | effect seen by the launcher and the other ranks |
+//! |---|---|
+//! | [`Cluster::kill`] | SIGKILL to every process of the node; its TCP peers see resets or silence |
+//! | [`Cluster::stop`] | SIGTERM, then SIGKILL after the engine's grace period |
+//! | [`Cluster::pause`] | processes frozen (cgroup freezer); connections stay open but silent |
+//! | [`Cluster::disconnect`] | node leaves the network; packets to it vanish, also via its ssh port |
+//! | [`Cluster::stop_sshd`] | new ssh connections are refused; running sessions continue |
+
+use testcontainers::bollard::models::{EndpointIpamConfig, EndpointSettings, NetworkConnectRequest, NetworkDisconnectRequest};
+use testcontainers::bollard::query_parameters::KillContainerOptions;
+
+use crate::cluster::{exec_in, refresh_node_addresses, Cluster};
+use crate::error::{Error, Result};
+
+impl Cluster {
+    /// Send SIGKILL to the node's container; the container stops at once.
+    pub async fn kill(&self, index: usize) -> Result<()> {
+        let node = self.node(index)?;
+        let options = KillContainerOptions { signal: "SIGKILL".into() };
+        self.engine
+            .docker
+            .kill_container(&node.container_name, Some(options))
+            .await
+            .map_err(Error::docker(format!("kill container {}", node.container_name)))
+    }
+
+    /// Stop the node's container: SIGTERM, then SIGKILL after `grace_seconds`.
+    pub async fn stop(&self, index: usize, grace_seconds: i32) -> Result<()> {
+        let node = self.node(index)?;
+        node.container
+            .stop_with_timeout(Some(grace_seconds))
+            .await
+            .map_err(|source| Error::Testcontainers { name: node.container_name.clone(), source })
+    }
+
+    /// Start a stopped or killed node again and rewrite the cluster files,
+    /// because the engine publishes its sshd on a new port.
+    pub async fn restart(&mut self, index: usize) -> Result<()> {
+        {
+            let node = self.node(index)?;
+            node.container
+                .start()
+                .await
+                .map_err(|source| Error::Testcontainers { name: node.container_name.clone(), source })?;
+        }
+        self.refresh_and_rewrite(index).await
+    }
+
+    /// Freeze every process of the node.
+    pub async fn pause(&self, index: usize) -> Result<()> {
+        let node = self.node(index)?;
+        node.container
+            .pause()
+            .await
+            .map_err(|source| Error::Testcontainers { name: node.container_name.clone(), source })
+    }
+
+    /// Thaw a paused node.
+    pub async fn unpause(&self, index: usize) -> Result<()> {
+        let node = self.node(index)?;
+        node.container
+            .unpause()
+            .await
+            .map_err(|source| Error::Testcontainers { name: node.container_name.clone(), source })
+    }
+
+    /// Detach the node from the cluster network. Its published ssh port
+    /// leads nowhere until [`Cluster::reconnect`].
+    pub async fn disconnect(&self, index: usize) -> Result<()> {
+        let node = self.node(index)?;
+        let request = NetworkDisconnectRequest { container: node.container_name.clone(), force: Some(true) };
+        self.engine
+            .docker
+            .disconnect_network(&self.network, request)
+            .await
+            .map_err(Error::docker(format!("disconnect {} from {}", node.container_name, self.network)))
+    }
+
+    /// Attach the node to the cluster network again at its old address.
+    pub async fn reconnect(&mut self, index: usize) -> Result<()> {
+        {
+            let node = self.node(index)?;
+            let endpoint = EndpointSettings {
+                ipam_config: Some(EndpointIpamConfig { ipv4_address: Some(node.ip.to_string()), ..Default::default() }),
+                ..Default::default()
+            };
+            let request = NetworkConnectRequest { container: node.container_name.clone(), endpoint_config: Some(endpoint) };
+            self.engine
+                .docker
+                .connect_network(&self.network, request)
+                .await
+                .map_err(Error::docker(format!("connect {} to {}", node.container_name, self.network)))?;
+        }
+        self.refresh_and_rewrite(index).await
+    }
+
+    /// Stop the node's listening sshd; sessions already open keep running.
+    pub async fn stop_sshd(&self, index: usize) -> Result<()> {
+        self.run_checked(index, &["sh", "-c", "kill \"$(cat /run/sshd.pid)\" && rm -f /run/sshd.pid"])
+            .await
+    }
+
+    /// Start the node's sshd again after [`Cluster::stop_sshd`].
+    pub async fn start_sshd(&self, index: usize) -> Result<()> {
+        self.run_checked(index, &["/usr/sbin/sshd"]).await
+    }
+
+    async fn run_checked(&self, index: usize, argv: &[&str]) -> Result<()> {
+        let node = self.node(index)?;
+        let output = exec_in(node, argv).await?;
+        if output.exit_code != 0 {
+            return Err(Error::CommandFailed {
+                command: format!("{argv:?} in {}", node.alias),
+                status: format!("exit code {}", output.exit_code),
+                output: format!(": {}", output.stderr.trim()),
+            });
+        }
+        Ok(())
+    }
+
+    async fn refresh_and_rewrite(&mut self, index: usize) -> Result<()> {
+        let engine = self.engine.clone();
+        let network = self.network.clone();
+        let node = self.node_mut(index)?;
+        refresh_node_addresses(&engine, &network, node).await?;
+        self.write_files()
+    }
+}
