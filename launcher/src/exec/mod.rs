@@ -7,6 +7,7 @@
 //! rank started.
 
 pub mod local;
+pub mod ssh;
 
 use std::fmt;
 use std::future::Future;
@@ -150,4 +151,16 @@ pub enum SpawnError {
     },
     #[error("{0}")]
     Other(String),
+    /// ssh could not connect, authenticate or open the session before the
+    /// rank started; `message` carries ssh's own error text.
+    #[error("rank {rank} on {host}: {message}")]
+    Ssh { rank: usize, host: String, message: String },
+    /// The remote host rejected the rank before it started (missing working
+    /// directory, command not found, no way to make a process group).
+    #[error("rank {rank} on {host}: {message}")]
+    RemoteStart { rank: usize, host: String, message: String },
+    /// A value of the rank's spec cannot be sent (host that looks like an
+    /// option, NUL byte, invalid environment variable name).
+    #[error("rank {rank} on {host}: {message}")]
+    InvalidSpec { rank: usize, host: String, message: String },
 }
