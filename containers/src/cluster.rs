@@ -12,7 +12,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use testcontainers::bollard::models::{HostConfig, NetworkCreateRequest, PortBinding};
-use testcontainers::core::{AccessMode, ExecCommand, Mount, WaitFor};
+use futures_util::StreamExt;
+use testcontainers::bollard::container::LogOutput;
+use testcontainers::bollard::exec::{StartExecOptions, StartExecResults};
+use testcontainers::bollard::models::ExecConfig;
+use testcontainers::core::{AccessMode, Mount, WaitFor};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
 
@@ -206,7 +210,7 @@ impl Cluster {
             container,
         };
         refresh_node_addresses(&self.engine, &self.network, &mut node).await?;
-        node.host_key = read_host_key(&node).await?;
+        node.host_key = read_host_key(&self.engine, &node).await?;
         Ok(node)
     }
 
@@ -247,7 +251,7 @@ impl Cluster {
     /// Run `argv` inside node `index` through the engine (not through ssh).
     pub async fn exec(&self, index: usize, argv: &[&str]) -> Result<ExecOutput> {
         let node = self.node(index)?;
-        exec_in(node, argv).await
+        exec_in(&self.engine, node, argv).await
     }
 
     /// Remove containers and network, reporting the first error.
@@ -371,18 +375,48 @@ pub struct ExecOutput {
     pub stderr: String,
 }
 
-pub(crate) async fn exec_in(node: &Node, argv: &[&str]) -> Result<ExecOutput> {
-    let failed = |source| Error::Testcontainers { name: node.container_name.clone(), source };
-    let mut result = node.container.exec(ExecCommand::new(argv.iter().copied())).await.map_err(failed)?;
-    let stdout = result.stdout_to_vec().await.map_err(failed)?;
-    let stderr = result.stderr_to_vec().await.map_err(failed)?;
+pub(crate) async fn exec_in(engine: &Engine, node: &Node, argv: &[&str]) -> Result<ExecOutput> {
+    let failed = Error::docker(format!("exec {argv:?} in {}", node.container_name));
+    let config = ExecConfig {
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        cmd: Some(argv.iter().map(|word| word.to_string()).collect()),
+        ..Default::default()
+    };
+    let created = match engine.docker.create_exec(&node.container_name, config).await {
+        Ok(created) => created,
+        Err(source) => return Err(failed(source)),
+    };
+
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    let started = engine.docker.start_exec(&created.id, None::<StartExecOptions>).await;
+    match started {
+        Ok(StartExecResults::Attached { mut output, .. }) => {
+            while let Some(chunk) = output.next().await {
+                match chunk {
+                    Ok(LogOutput::StdOut { message }) => stdout.extend_from_slice(&message),
+                    Ok(LogOutput::StdErr { message }) => stderr.extend_from_slice(&message),
+                    Ok(_) => {}
+                    Err(source) => return Err(failed(source)),
+                }
+            }
+        }
+        Ok(StartExecResults::Detached) => {}
+        Err(source) => return Err(failed(source)),
+    }
 
     // The exit code appears once the engine has reaped the process, which
     // can trail the end of its output by a moment.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let exit_code = loop {
-        if let Some(code) = result.exit_code().await.map_err(failed)? {
-            break code;
+        let inspected = engine.docker.inspect_exec(&created.id).await;
+        match inspected {
+            Ok(details) if details.running != Some(true) && details.exit_code.is_some() => {
+                break details.exit_code.unwrap_or_default();
+            }
+            Ok(_) => {}
+            Err(source) => return Err(failed(source)),
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(Error::Timeout { seconds: 10, what: format!("the exit code of {argv:?} in {}", node.alias) });
@@ -396,8 +430,8 @@ pub(crate) async fn exec_in(node: &Node, argv: &[&str]) -> Result<ExecOutput> {
     })
 }
 
-async fn read_host_key(node: &Node) -> Result<String> {
-    let output = exec_in(node, &["cat", "/etc/ssh/ssh_host_ed25519_key.pub"]).await?;
+async fn read_host_key(engine: &Engine, node: &Node) -> Result<String> {
+    let output = exec_in(engine, node, &["cat", "/etc/ssh/ssh_host_ed25519_key.pub"]).await?;
     let mut words = output.stdout.split_whitespace();
     match (words.next(), words.next()) {
         (Some(kind), Some(key)) if output.exit_code == 0 => Ok(format!("{kind} {key}")),

@@ -109,7 +109,7 @@ impl Cluster {
 
     async fn run_checked(&self, index: usize, argv: &[&str]) -> Result<()> {
         let node = self.node(index)?;
-        let output = exec_in(node, argv).await?;
+        let output = exec_in(&self.engine, node, argv).await?;
         if output.exit_code != 0 {
             return Err(Error::CommandFailed {
                 command: format!("{argv:?} in {}", node.alias),

@@ -23,7 +23,8 @@ pub fn python_mounts(python: &Path) -> Result<Vec<PathBuf>> {
 
     let config = venv.join("pyvenv.cfg");
     if let Ok(text) = std::fs::read_to_string(&config) {
-        let mut mounts = vec![venv.clone()];
+        let venv = std::fs::canonicalize(&venv).map_err(Error::file("resolve", &venv))?;
+        let mut mounts = vec![venv];
         if let Some(home) = pyvenv_home(&text) {
             mounts.push(install_prefix(&home));
         }
@@ -69,6 +70,6 @@ mod tests {
         std::fs::write(venv.join("pyvenv.cfg"), format!("home = {}\n", base.join("bin").display())).unwrap();
 
         let mounts = python_mounts(&venv.join("bin/python3")).unwrap();
-        assert_eq!(mounts, vec![venv.clone(), std::fs::canonicalize(&base).unwrap()]);
+        assert_eq!(mounts, vec![std::fs::canonicalize(&venv).unwrap(), std::fs::canonicalize(&base).unwrap()]);
     }
 }
