@@ -12,6 +12,8 @@
 //! - [`stdin`]: broadcasts the launcher's stdin to the ranks.
 //! - [`signals`]: the launcher's own SIGINT, SIGTERM and SIGHUP as a channel.
 //! - [`exit`]: the exit-code rule.
+//! - [`net`]: the byte-stream transport (`Net`, `Listener`) and `TokioNet` over TCP.
+//! - [`ring`]: MLX-compatible ring collectives over [`net`].
 //! - [`shell`]: POSIX shell quoting for every value sent to a shell.
 //! - [`app`]: ties the pieces together for the `ringleader` binary.
 
@@ -20,9 +22,11 @@ pub mod cli;
 pub mod exec;
 pub mod exit;
 pub mod hostfile;
+pub mod net;
 pub mod output;
 pub mod plan;
 pub mod preflight;
+pub mod ring;
 pub mod shell;
 pub mod signals;
 pub mod stdin;
