@@ -228,6 +228,10 @@ pub(super) fn rank_script(spec: &RankSpec, params: &RankParams<'_>) -> Result<St
     }
     script.push_str("  umask \"$rl_umask\"\n");
 
+    if let (None, Some(dir)) = (&spec.cwd, &spec.default_cwd) {
+        let dir = sh_quote(dir.to_str().ok_or("default working directory is not valid UTF-8")?);
+        let _ = writeln!(script, "  if [ -d {dir} ]; then cd -- {dir} 2>/dev/null || :; fi");
+    }
     if let Some(cwd) = &spec.cwd {
         let cwd = cwd.to_str().ok_or("working directory is not valid UTF-8")?;
         let message = sh_quote(&format!(
@@ -314,9 +318,11 @@ fn check_values(spec: &RankSpec) -> Result<(), String> {
         check_env_name(&file.env_var)?;
         check_shell_value(&format!("the file for {}", file.env_var), &file.contents)?;
     }
-    if let Some(cwd) = &spec.cwd {
-        let cwd = cwd.to_str().ok_or("working directory is not valid UTF-8")?;
-        check_shell_value("working directory", cwd)?;
+    for (what, dir) in [("working directory", &spec.cwd), ("default working directory", &spec.default_cwd)] {
+        if let Some(dir) = dir {
+            let dir = dir.to_str().ok_or_else(|| format!("{what} is not valid UTF-8"))?;
+            check_shell_value(what, dir)?;
+        }
     }
     Ok(())
 }
