@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use testcontainers::bollard::models::{HostConfig, NetworkCreateRequest, PortBinding};
+use testcontainers::bollard::models::{HostConfig, Ipam, IpamConfig, NetworkCreateRequest, PortBinding};
 use futures_util::StreamExt;
 use testcontainers::bollard::container::LogOutput;
 use testcontainers::bollard::exec::{StartExecOptions, StartExecResults};
@@ -27,6 +27,12 @@ use crate::image::{self, AUTHORIZED_KEY_ENV, MANAGED_LABEL, READY_LINE};
 
 /// Label holding the cluster id on its containers and network.
 pub const CLUSTER_LABEL: &str = "org.ringleader.cluster";
+
+/// First two octets of cluster subnets; each cluster takes one /24 inside.
+const SUBNET_PREFIX: &str = "10.213";
+
+/// Subnets tried before giving up when others overlap existing networks.
+const SUBNET_ATTEMPTS: u8 = 32;
 
 /// Longest wait for one node's sshd to report ready.
 const NODE_START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -154,19 +160,40 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Create the bridge network with an explicit subnet. Docker lets a
+    /// container rejoin at its old address only on such a network, which
+    /// [`Cluster::reconnect`] needs to keep the hostfile valid. Subnets that
+    /// overlap an existing network are skipped.
     async fn create_network(&self) -> Result<()> {
-        let request = NetworkCreateRequest {
-            name: self.network.clone(),
-            driver: Some("bridge".into()),
-            labels: Some(self.labels()),
-            ..Default::default()
-        };
-        self.engine
-            .docker
-            .create_network(request)
-            .await
-            .map_err(Error::docker(format!("create network {}", self.network)))?;
-        Ok(())
+        let first = u8::from_str_radix(&self.id[..2], 16).unwrap_or(0);
+        let mut last_error = None;
+        for attempt in 0..SUBNET_ATTEMPTS {
+            let third_octet = first.wrapping_add(attempt);
+            let subnet = format!("{SUBNET_PREFIX}.{third_octet}.0/24");
+            let request = NetworkCreateRequest {
+                name: self.network.clone(),
+                driver: Some("bridge".into()),
+                labels: Some(self.labels()),
+                ipam: Some(Ipam {
+                    config: Some(vec![IpamConfig { subnet: Some(subnet.clone()), ..Default::default() }]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            match self.engine.docker.create_network(request).await {
+                Ok(_) => {
+                    tracing::debug!(network = %self.network, %subnet, "created cluster network");
+                    return Ok(());
+                }
+                Err(error) if is_overlap(&error) => last_error = Some(error),
+                Err(source) => return Err(Error::Docker { action: format!("create network {}", self.network), source }),
+            }
+        }
+        let source = last_error.expect("at least one attempt ran");
+        Err(Error::Docker {
+            action: format!("create network {} (no free {SUBNET_PREFIX}.x.0/24 subnet in {SUBNET_ATTEMPTS} tries)", self.network),
+            source,
+        })
     }
 
     fn labels(&self) -> HashMap<String, String> {
@@ -348,6 +375,14 @@ pub(crate) async fn refresh_node_addresses(engine: &Engine, network: &str, node:
         return Err(missing("address on the cluster network"));
     }
     Ok(())
+}
+
+fn is_overlap(error: &testcontainers::bollard::errors::Error) -> bool {
+    matches!(
+        error,
+        testcontainers::bollard::errors::Error::DockerResponseServerError { message, .. }
+            if message.contains("overlap")
+    )
 }
 
 /// Publish the node's port 22 on an ephemeral port of 127.0.0.1 only, and

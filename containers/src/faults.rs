@@ -5,7 +5,7 @@
 //! | [`Cluster::kill`] | SIGKILL to every process of the node; its TCP peers see resets or silence |
 //! | [`Cluster::stop`] | SIGTERM, then SIGKILL after the engine's grace period |
 //! | [`Cluster::pause`] | processes frozen (cgroup freezer); connections stay open but silent |
-//! | [`Cluster::disconnect`] | node leaves the network; packets to it vanish, also via its ssh port |
+//! | [`Cluster::disconnect`] | node leaves the network: peers' packets to it vanish, and its published ssh port closes, which ends ssh sessions through it |
 //! | [`Cluster::stop_sshd`] | new ssh connections are refused; running sessions continue |
 
 use testcontainers::bollard::models::{EndpointIpamConfig, EndpointSettings, NetworkConnectRequest, NetworkDisconnectRequest};
@@ -66,8 +66,8 @@ impl Cluster {
             .map_err(|source| Error::Testcontainers { name: node.container_name.clone(), source })
     }
 
-    /// Detach the node from the cluster network. Its published ssh port
-    /// leads nowhere until [`Cluster::reconnect`].
+    /// Detach the node from the cluster network. The engine also drops its
+    /// published ssh port until [`Cluster::reconnect`].
     pub async fn disconnect(&self, index: usize) -> Result<()> {
         let node = self.node(index)?;
         let request = NetworkDisconnectRequest { container: node.container_name.clone(), force: Some(true) };
