@@ -212,3 +212,46 @@ async fn changed_host_key_fails_fast_with_ssh_message() {
 async fn unauthorized_key_fails_fast_with_ssh_message() {
     expect_ssh_failure(UNAUTHORIZED_KEY_ALIAS, "Permission denied").await;
 }
+
+#[tokio::test]
+async fn killed_launcher_leaves_no_remote_process() {
+    use std::io::BufRead;
+
+    let sshd = Sshd::start();
+    let config = sshd.config_file().display().to_string();
+    let mut launcher = std::process::Command::new(env!("CARGO_BIN_EXE_ssh-launch"))
+        .args(["--config", &config, "--grace", "1", "--keepalive", "1", "host-a", "3"])
+        .args(SLEEPERS)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ssh-launch");
+    let stdout = launcher.stdout.take().unwrap();
+    let groups: Vec<u32> = std::io::BufReader::new(stdout)
+        .lines()
+        .take(3)
+        .map(|line| {
+            let line = line.expect("read a started line");
+            line.rsplit(' ').next().and_then(|pid| pid.parse().ok()).expect("started RANK PID")
+        })
+        .collect();
+    let populated = eventually(SIGNAL_TIMEOUT, || {
+        groups.iter().all(|&group| processes_in_group(group).len() >= 3)
+    })
+    .await;
+    assert!(populated, "ranks never started their sleepers: {groups:?}");
+
+    launcher.kill().expect("SIGKILL the launcher");
+    launcher.wait().unwrap();
+
+    let clean = eventually(watchdog_bound(), || {
+        groups.iter().all(|&group| processes_in_group(group).is_empty())
+            && sshd.descendants().is_empty()
+    })
+    .await;
+    assert!(clean, "remote processes left: {:?}", sshd.descendants());
+    let local_clean = eventually(watchdog_bound(), || {
+        processes().iter().all(|process| !(process.args.starts_with("ssh ") && process.args.contains(&config)))
+    })
+    .await;
+    assert!(local_clean, "local ssh clients outlived the launcher");
+}
