@@ -168,3 +168,19 @@ async fn mounted_paths_appear_read_only_at_the_same_path() {
     let write = cluster.exec(0, &["touch", dir.path().join("new").to_str().unwrap()]).await.unwrap();
     assert_ne!(write.exit_code, 0, "the mount is writable");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mounted_mlx_virtualenv_runs_inside_a_node() {
+    require_docker!();
+    let _guard = common::exclusive().await;
+    let python = common::test_python();
+    let mounts = ringleader_containers::mounts::python_mounts(&python).expect("test python found");
+    let mut options = ringleader_containers::ClusterOptions::new(1);
+    options.mounts = mounts;
+    let cluster = Cluster::start_with(options).await.expect("cluster starts");
+
+    let code = "import mlx.core as mx; print(mx.__version__, mx.sum(mx.arange(5)).item())";
+    let output = cluster.exec(0, &[python.to_str().unwrap(), "-c", code]).await.unwrap();
+    assert_eq!(output.exit_code, 0, "python failed in the node: {}", output.stderr);
+    assert!(output.stdout.trim().ends_with(" 10"), "unexpected output {:?}", output.stdout);
+}
