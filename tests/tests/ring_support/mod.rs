@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod interop;
+pub mod launch;
+
 use std::future::Future;
 use std::net::SocketAddr;
 
