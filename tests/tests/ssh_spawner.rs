@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::sshd::drive::{options, run_to_end, spec};
-use common::sshd::{Sshd, HOST_ALIASES};
+use common::sshd::{processes, Sshd, HOST_ALIASES, USER_MULTIPLEX_ALIAS};
 use ringleader::exec::ssh::SshSpawner;
 use ringleader::exec::{RankFile, SpawnError, Spawner, Termination};
 use tokio::io::AsyncWriteExt;
@@ -26,6 +26,59 @@ async fn output_and_exit_code_arrive() {
     assert_eq!(finished.stdout, b"out");
     assert_eq!(finished.stderr, b"err");
     assert_eq!(finished.termination, Termination::Exited(7));
+}
+
+/// ssh's own failures also exit 255, so this status needs care.
+#[tokio::test]
+async fn remote_exit_status_255_is_the_rank_status() {
+    let sshd = Sshd::start();
+    let spawner = SshSpawner::new(options(&sshd)).unwrap();
+
+    let spawned = spawner.spawn(&spec(0, "host-a", &["sh", "-c", "exit 255"])).await.unwrap();
+    let finished = run_to_end(spawned).await;
+
+    assert_eq!(finished.termination, Termination::Exited(255));
+}
+
+#[tokio::test]
+async fn signal_after_the_rank_ended_is_not_an_error() {
+    let sshd = Sshd::start();
+    let spawner = SshSpawner::new(options(&sshd)).unwrap();
+    let spawned = spawner.spawn(&spec(0, "host-a", &["true"])).await.unwrap();
+    let ringleader::exec::Spawned { control, wait, .. } = spawned;
+    assert_eq!(wait.await.unwrap(), Termination::Exited(0));
+
+    control
+        .signal(ringleader::exec::RankSignal::Terminate)
+        .await
+        .expect("signalling an ended rank succeeds");
+}
+
+#[tokio::test]
+async fn user_control_master_is_used_instead_of_ours() {
+    let sshd = Sshd::start();
+    let spawner = SshSpawner::new(options(&sshd)).unwrap();
+    let specs: Vec<_> = (0..3)
+        .map(|rank| spec(rank, USER_MULTIPLEX_ALIAS, &["sh", "-c", "sleep 0.5; echo ok"]))
+        .collect();
+
+    let started = futures_join_all(specs.iter().map(|spec| spawner.spawn(spec))).await;
+    let config = sshd.config_file().display().to_string();
+    let ours = processes()
+        .into_iter()
+        .filter(|process| process.args.contains(&config) && process.args.contains("ControlMaster=yes"))
+        .count();
+    let user_sockets = std::fs::read_dir(sshd.dir())
+        .unwrap()
+        .filter(|entry| entry.as_ref().unwrap().file_name().to_string_lossy().starts_with("user-mux-"))
+        .count();
+
+    assert_eq!(ours, 0, "the spawner started its own ControlMaster");
+    assert_eq!(user_sockets, 1, "the user's ControlPath socket is missing");
+    for spawned in started {
+        let finished = run_to_end(spawned.expect("rank starts")).await;
+        assert_eq!(finished.stdout_text(), "ok\n");
+    }
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use ringleader::exec::{RankSignal, SpawnError, Spawned, Spawner, Termination};
 /// How long a rank's group may take to vanish after a signal from the test.
 const SIGNAL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A rank whose group holds a shell and two `sleep` children.
+/// A rank whose group contains a shell and two `sleep` children.
 const SLEEPERS: &[&str] = &["sh", "-c", "sleep 300 & sleep 300 & wait"];
 
 async fn start_sleepers(spawner: &SshSpawner, rank: usize) -> (Spawned, u32) {

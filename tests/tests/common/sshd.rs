@@ -23,10 +23,13 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HOST_ALIASES: [&str; 4] = ["host-a", "host-b", "host-c", "host-d"];
 /// An alias whose port has no listener.
 pub const CLOSED_PORT_ALIAS: &str = "closed-port";
-/// An alias whose known_hosts holds a different host key.
+/// An alias whose known_hosts contains a different host key.
 pub const WRONG_HOST_KEY_ALIAS: &str = "wrong-hostkey";
 /// An alias that offers a client key the sshd does not accept.
 pub const UNAUTHORIZED_KEY_ALIAS: &str = "unauthorized-key";
+/// An alias whose config sets its own ControlMaster and ControlPath
+/// (`user-mux-%C` in the fixture directory).
+pub const USER_MULTIPLEX_ALIAS: &str = "user-mux";
 
 pub struct Sshd {
     dir: tempfile::TempDir,
@@ -83,7 +86,7 @@ impl Sshd {
         sshd
     }
 
-    /// The ssh client config to pass as `-F`.
+    /// Returns the path of the ssh client config, to pass as `-F`.
     pub fn config_file(&self) -> PathBuf {
         self.dir.path().join("ssh_config")
     }
@@ -96,7 +99,12 @@ impl Sshd {
         self.child.id()
     }
 
-    /// The sshd log, for failure messages.
+    /// Returns the fixture's directory (keys, configs, the user-mux socket).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Reads the sshd log, for failure messages.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
     }
@@ -136,7 +144,7 @@ impl Drop for Sshd {
     }
 }
 
-/// All processes, from `ps`.
+/// Lists all processes, from `ps`.
 pub fn processes() -> Vec<Process> {
     let output = Command::new("ps")
         .args(["-eo", "pid=,ppid=,pgid=,args="])
@@ -160,7 +168,7 @@ pub fn processes_in_group(pgid: u32) -> Vec<Process> {
     processes().into_iter().filter(|process| process.pgid == pgid).collect()
 }
 
-/// Every process below `root` in the process tree.
+/// Lists every process below `root` in the process tree.
 pub fn descendants_of(root: u32) -> Vec<Process> {
     let all = processes();
     let mut children: HashMap<u32, Vec<&Process>> = HashMap::new();
@@ -251,7 +259,11 @@ Host {CLOSED_PORT_ALIAS}
   Port {closed_port}
 Host {UNAUTHORIZED_KEY_ALIAS}
   IdentityFile {path}/unauthorized_key
-Host host-* {WRONG_HOST_KEY_ALIAS} {CLOSED_PORT_ALIAS}
+Host {USER_MULTIPLEX_ALIAS}
+  ControlMaster auto
+  ControlPath {path}/user-mux-%C
+  ControlPersist no
+Host host-* {WRONG_HOST_KEY_ALIAS} {CLOSED_PORT_ALIAS} {USER_MULTIPLEX_ALIAS}
   IdentityFile {path}/client_key
 Host *
   HostName 127.0.0.1
@@ -297,8 +309,8 @@ pub mod drive {
         }
     }
 
-    /// The longest the remote agent may take to stop a rank on its own,
-    /// plus a margin for a loaded machine.
+    /// Upper bound on the time the remote agent takes to stop a rank on its
+    /// own, plus a margin for a loaded machine.
     pub fn watchdog_bound() -> Duration {
         KEEPALIVE_INTERVAL * (KEEPALIVE_COUNT_MAX + 1) + GRACE + Duration::from_secs(5)
     }
@@ -355,7 +367,7 @@ pub mod drive {
         }
     }
 
-    /// Polls `condition` every 50 ms until it holds or `timeout` passes.
+    /// Polls `condition` every 50 ms until it is true or `timeout` passes.
     pub async fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {

@@ -19,7 +19,7 @@ use super::script::{self, AgentParams, BOOTSTRAP};
 use super::{lock, SshOptions, UnconfirmedRank};
 use crate::exec::{RankSpec, SpawnError};
 
-/// Longest ssh log or stderr text kept for an error message.
+/// Maximum bytes of ssh log or stderr text kept for an error message.
 const MAX_MESSAGE_BYTES: usize = 8 * 1024;
 
 /// State shared by every rank the spawner starts.
@@ -321,7 +321,7 @@ pub(super) struct Agent {
     state: Arc<AgentState>,
 }
 
-/// What the link task and the agent handles share.
+/// State shared by the link task and the agent handles.
 struct AgentState {
     /// False once the link's ssh process or the agent has gone.
     alive: AtomicBool,

@@ -8,8 +8,8 @@
 //! Per host and login, the spawner keeps *links*: one ssh connection each,
 //! running the agent script (see [`script`]) in its first session. When the
 //! user's own ssh config does not set a `ControlPath`, each link is also a
-//! ControlMaster whose socket lives in a private temporary directory, and up
-//! to [`SshOptions::max_sessions_per_connection`] rank sessions share it;
+//! ControlMaster whose socket lives in a private temporary directory. Up to
+//! [`SshOptions::max_sessions_per_connection`] rank sessions share it, and
 //! more ranks open more links. At most [`SshOptions::max_startups_per_host`]
 //! ssh handshakes run at once per host, below sshd's `MaxStartups` default
 //! of 10.
@@ -59,7 +59,7 @@ pub struct SshOptions {
     /// system-wide config. Default: none.
     pub config_file: Option<PathBuf>,
     /// Options passed as `-o VALUE` before the spawner's own defaults, so they
-    /// override them (ssh keeps the first value it sees). Default: none.
+    /// override them (ssh keeps the first value it reads). Default: none.
     pub extra_options: Vec<String>,
     /// Adds `StrictHostKeyChecking=accept-new`: unknown host keys are added
     /// to known_hosts, changed keys are still rejected. Default: off, which

@@ -40,7 +40,7 @@ pub(crate) fn check_env_name(name: &str) -> Result<(), String> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid ssh {field} {value:?}: {reason}")]
 pub struct InvalidHost {
-    /// What the value is: "host" or "user".
+    /// Kind of value: "host" or "user".
     pub field: &'static str,
     pub value: String,
     pub reason: &'static str,

@@ -15,11 +15,11 @@
 //! their work in a function that is called on the last line, so a script cut
 //! short in transit fails to parse instead of running half.
 //!
-//! Two scripts exist. The *agent* runs once per ssh connection: it owns a
-//! private directory where each rank registers its process group id, signals
-//! groups on request, and stops every registered group when its stdin reaches
-//! EOF (the launcher or the connection died) or when the launcher's heartbeat
-//! stops (the network was cut). The *rank* script prepares one rank (files,
+//! Two scripts exist. The *agent* runs once per ssh connection and owns a
+//! private directory where each rank registers its process group id. It
+//! signals groups on request. It stops every registered group when its stdin
+//! reaches EOF (the launcher or the connection died) or when the launcher's
+//! heartbeat stops (the network was cut). The *rank* script prepares one rank (files,
 //! working directory, environment), starts it as the leader of a new process
 //! group with `setsid` (or `perl`'s `setpgrp` where `setsid` is missing, as on
 //! macOS), waits for it, stops whatever the rank left behind in its group, and
@@ -104,11 +104,14 @@ pub(super) struct AgentParams<'a> {
 
 /// Builds the agent script.
 ///
-/// Protocol on stdin, one command a line: `h` is a heartbeat; `s RANK SIG`
-/// sends SIG (INT, TERM or KILL) to the rank's group; `x RANK` stops the
-/// group (TERM, grace, KILL) and replies `TOKEN dead RANK` or
-/// `TOKEN undead RANK`. The agent first writes `TOKEN ready DIR`, DIR being
-/// the directory where ranks register as `DIR/rank.N` containing the group id.
+/// The agent first writes `TOKEN ready DIR`, where DIR is the directory in
+/// which each rank registers as `DIR/rank.N`, a file containing its group id.
+/// Then it reads one command a line from stdin:
+///
+/// - `h`: a heartbeat.
+/// - `s RANK SIG`: send SIG (INT, TERM or KILL) to the rank's group.
+/// - `x RANK`: stop the group (TERM, grace, KILL), then reply
+///   `TOKEN dead RANK`, or `TOKEN undead RANK` if the group is still there.
 pub(super) fn agent_script(params: &AgentParams<'_>) -> String {
     let token = sh_quote(params.token);
     let interval = sleep_arg(params.keepalive_interval);
@@ -194,7 +197,7 @@ pub(super) struct RankParams<'a> {
     pub grace: Duration,
 }
 
-/// Builds the rank script, or says which value of `spec` cannot be sent.
+/// Builds the rank script, or returns which value of `spec` cannot be sent.
 pub(super) fn rank_script(spec: &RankSpec, params: &RankParams<'_>) -> Result<String, String> {
     check_values(spec)?;
 

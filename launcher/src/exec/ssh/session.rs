@@ -138,7 +138,7 @@ fn placeholder_params(pool: &Pool) -> RankParams<'_> {
     }
 }
 
-/// The longest the remote agent takes to stop a rank once the launcher is gone.
+/// Upper bound on the time the remote agent takes to stop a rank once the launcher is gone.
 fn watchdog_bound(pool: &Pool) -> Duration {
     let options = &pool.options;
     options.keepalive_interval * (options.keepalive_count_max.max(1) + 1) + options.grace
@@ -244,7 +244,7 @@ fn find_start_line(buffer: &[u8], token: &str) -> Option<StartLine> {
     None
 }
 
-/// What the wait task needs to report how a rank ended.
+/// State the wait task needs to report how a rank ended.
 struct Ending {
     pool: Arc<Pool>,
     rank: usize,
