@@ -41,11 +41,22 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     if positional.len() < 3 {
-        return Err("usage: ssh-launch [--config FILE] [--grace S] [--keepalive S] HOST N COMMAND [ARG...]".into());
+        return Err(
+            "usage: ssh-launch [--config FILE] [--grace S] [--keepalive S] HOST N COMMAND [ARG...]"
+                .into(),
+        );
     }
     let host = positional.remove(0);
-    let ranks = positional.remove(0).parse().map_err(|_| "N must be a number".to_owned())?;
-    Ok(Args { options, host, ranks, argv: positional })
+    let ranks = positional
+        .remove(0)
+        .parse()
+        .map_err(|_| "N must be a number".to_owned())?;
+    Ok(Args {
+        options,
+        host,
+        ranks,
+        argv: positional,
+    })
 }
 
 fn seconds(text: &str) -> Result<Duration, String> {
@@ -102,7 +113,10 @@ async fn main() -> ExitCode {
     let mut stdout = tokio::io::stdout();
     for (rank, spawned) in &started {
         let line = format!("started {rank} {}\n", spawned.pid.unwrap_or(0));
-        stdout.write_all(line.as_bytes()).await.expect("write stdout");
+        stdout
+            .write_all(line.as_bytes())
+            .await
+            .expect("write stdout");
     }
     stdout.flush().await.expect("flush stdout");
 

@@ -16,7 +16,11 @@ async fn output_and_exit_code_arrive() {
     let sshd = Sshd::start();
     let spawner = SshSpawner::new(options(&sshd)).unwrap();
     let spawned = spawner
-        .spawn(&spec(0, "host-a", &["sh", "-c", "printf out; printf err >&2; exit 7"]))
+        .spawn(&spec(
+            0,
+            "host-a",
+            &["sh", "-c", "printf out; printf err >&2; exit 7"],
+        ))
         .await
         .expect("rank starts");
     assert!(spawned.pid.is_some(), "remote pid reported");
@@ -34,7 +38,10 @@ async fn remote_exit_status_255_is_the_rank_status() {
     let sshd = Sshd::start();
     let spawner = SshSpawner::new(options(&sshd)).unwrap();
 
-    let spawned = spawner.spawn(&spec(0, "host-a", &["sh", "-c", "exit 255"])).await.unwrap();
+    let spawned = spawner
+        .spawn(&spec(0, "host-a", &["sh", "-c", "exit 255"]))
+        .await
+        .unwrap();
     let finished = run_to_end(spawned).await;
 
     assert_eq!(finished.termination, Termination::Exited(255));
@@ -59,18 +66,33 @@ async fn user_control_master_is_used_instead_of_ours() {
     let sshd = Sshd::start();
     let spawner = SshSpawner::new(options(&sshd)).unwrap();
     let specs: Vec<_> = (0..3)
-        .map(|rank| spec(rank, USER_MULTIPLEX_ALIAS, &["sh", "-c", "sleep 0.5; echo ok"]))
+        .map(|rank| {
+            spec(
+                rank,
+                USER_MULTIPLEX_ALIAS,
+                &["sh", "-c", "sleep 0.5; echo ok"],
+            )
+        })
         .collect();
 
     let started = futures_join_all(specs.iter().map(|spec| spawner.spawn(spec))).await;
     let config = sshd.config_file().display().to_string();
     let ours = processes()
         .into_iter()
-        .filter(|process| process.args.contains(&config) && process.args.contains("ControlMaster=yes"))
+        .filter(|process| {
+            process.args.contains(&config) && process.args.contains("ControlMaster=yes")
+        })
         .count();
     let user_sockets = std::fs::read_dir(sshd.dir())
         .unwrap()
-        .filter(|entry| entry.as_ref().unwrap().file_name().to_string_lossy().starts_with("user-mux-"))
+        .filter(|entry| {
+            entry
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("user-mux-")
+        })
         .count();
 
     assert_eq!(ours, 0, "the spawner started its own ControlMaster");
@@ -85,16 +107,25 @@ async fn user_control_master_is_used_instead_of_ours() {
 async fn binary_bytes_arrive_unchanged_on_separate_streams() {
     let sshd = Sshd::start();
     let dir = tempfile::tempdir().unwrap();
-    let all_bytes: Vec<u8> = (0..=255u8).chain(b"line\r\nline\n\r\0end".iter().copied()).collect();
+    let all_bytes: Vec<u8> = (0..=255u8)
+        .chain(b"line\r\nline\n\r\0end".iter().copied())
+        .collect();
     let reversed: Vec<u8> = all_bytes.iter().rev().copied().collect();
     let out_path = dir.path().join("out.bin");
     let err_path = dir.path().join("err.bin");
     std::fs::write(&out_path, &all_bytes).unwrap();
     std::fs::write(&err_path, &reversed).unwrap();
     let spawner = SshSpawner::new(options(&sshd)).unwrap();
-    let script = format!("cat '{}'; cat '{}' >&2", out_path.display(), err_path.display());
+    let script = format!(
+        "cat '{}'; cat '{}' >&2",
+        out_path.display(),
+        err_path.display()
+    );
 
-    let spawned = spawner.spawn(&spec(0, "host-a", &["sh", "-c", &script])).await.unwrap();
+    let spawned = spawner
+        .spawn(&spec(0, "host-a", &["sh", "-c", &script]))
+        .await
+        .unwrap();
     let finished = run_to_end(spawned).await;
 
     assert_eq!(finished.stdout, all_bytes, "stdout bytes differ");
@@ -198,11 +229,18 @@ async fn rank_files_are_private_and_removed_after_the_rank() {
     let sshd = Sshd::start();
     let dir = tempfile::tempdir().unwrap();
     let canary = dir.path().join("canary");
-    let contents = format!("[[\"10.0.0.1:5000\"]]\n$(touch {}) it's\n", canary.display());
+    let contents = format!(
+        "[[\"10.0.0.1:5000\"]]\n$(touch {}) it's\n",
+        canary.display()
+    );
     let mut rank = spec(
         0,
         "host-a",
-        &["sh", "-c", "stat -c %a \"$MLX_HOSTFILE\"; printf '%s\\n' \"$MLX_HOSTFILE\"; cat \"$MLX_HOSTFILE\""],
+        &[
+            "sh",
+            "-c",
+            "stat -c %a \"$MLX_HOSTFILE\"; printf '%s\\n' \"$MLX_HOSTFILE\"; cat \"$MLX_HOSTFILE\"",
+        ],
     );
     rank.files = vec![RankFile {
         env_var: "MLX_HOSTFILE".to_owned(),
@@ -251,7 +289,10 @@ async fn rank_without_stdin_reads_eof() {
     let sshd = Sshd::start();
     let spawner = SshSpawner::new(options(&sshd)).unwrap();
 
-    let spawned = spawner.spawn(&spec(0, "host-a", &["wc", "-c"])).await.unwrap();
+    let spawned = spawner
+        .spawn(&spec(0, "host-a", &["wc", "-c"]))
+        .await
+        .unwrap();
     let finished = run_to_end(spawned).await;
 
     assert_eq!(finished.stdout_text().trim(), "0");
@@ -268,7 +309,8 @@ async fn thirty_two_ranks_start_on_one_host() {
     let started = futures_join_all(specs.iter().map(|spec| spawner.spawn(spec))).await;
     let mut finished = Vec::new();
     for (rank, spawned) in started.into_iter().enumerate() {
-        let spawned = spawned.unwrap_or_else(|error| panic!("rank {rank} failed to start: {error}"));
+        let spawned =
+            spawned.unwrap_or_else(|error| panic!("rank {rank} failed to start: {error}"));
         finished.push(tokio::spawn(run_to_end(spawned)));
     }
 
@@ -304,7 +346,12 @@ async fn hosts_that_look_like_options_are_rejected_before_ssh_runs() {
     let spawner = SshSpawner::new(options(&sshd)).unwrap();
     let host = format!("-oProxyCommand=touch {}", canary.display());
 
-    for host in [host.as_str(), "-oProxyCommand=true", "host-a extra", "host\n-a"] {
+    for host in [
+        host.as_str(),
+        "-oProxyCommand=true",
+        "host-a extra",
+        "host\n-a",
+    ] {
         let result = spawner.spawn(&spec(0, host, &["true"])).await;
         assert!(
             matches!(result, Err(SpawnError::InvalidSpec { .. })),
@@ -320,13 +367,20 @@ async fn missing_command_fails_the_spawn_with_its_name() {
     let spawner = SshSpawner::new(options(&sshd)).unwrap();
 
     let started = tokio::time::Instant::now();
-    let result = spawner.spawn(&spec(3, "host-b", &["no-such-command-ringleader"])).await;
+    let result = spawner
+        .spawn(&spec(3, "host-b", &["no-such-command-ringleader"]))
+        .await;
 
-    let Err(error) = result else { panic!("missing command started") };
+    let Err(error) = result else {
+        panic!("missing command started")
+    };
     let message = error.to_string();
     assert!(matches!(error, SpawnError::RemoteStart { .. }), "{message}");
     assert!(message.contains("rank 3 on host-b"), "{message}");
-    assert!(message.contains("command not found: no-such-command-ringleader"), "{message}");
+    assert!(
+        message.contains("command not found: no-such-command-ringleader"),
+        "{message}"
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
@@ -337,15 +391,22 @@ async fn missing_working_directory_fails_the_spawn() {
     let mut rank = spec(1, "host-a", &["true"]);
     rank.cwd = Some("/nonexistent/ringleader-dir".into());
 
-    let Err(error) = spawner.spawn(&rank).await else { panic!("rank started") };
+    let Err(error) = spawner.spawn(&rank).await else {
+        panic!("rank started")
+    };
 
     let message = error.to_string();
     assert!(matches!(error, SpawnError::RemoteStart { .. }), "{message}");
-    assert!(message.contains("working directory /nonexistent/ringleader-dir"), "{message}");
+    assert!(
+        message.contains("working directory /nonexistent/ringleader-dir"),
+        "{message}"
+    );
 }
 
 /// Awaits all futures concurrently, keeping their order.
-async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
     let mut pinned: Vec<_> = futures.into_iter().map(Box::pin).collect();
     let mut outputs: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
     std::future::poll_fn(|context| {
@@ -365,9 +426,14 @@ async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Ite
         }
     })
     .await;
-    outputs.into_iter().map(|output| output.expect("every future finished")).collect()
+    outputs
+        .into_iter()
+        .map(|output| output.expect("every future finished"))
+        .collect()
 }
 
 fn home_dir() -> std::path::PathBuf {
-    std::env::var_os("HOME").map(Into::into).unwrap_or_else(|| "/".into())
+    std::env::var_os("HOME")
+        .map(Into::into)
+        .unwrap_or_else(|| "/".into())
 }

@@ -13,9 +13,9 @@ use common::sshd::{
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use tokio::io::AsyncReadExt;
 use ringleader::exec::ssh::{SshSessionError, SshSpawner};
 use ringleader::exec::{RankSignal, SpawnError, Spawned, Spawner, Termination};
+use tokio::io::AsyncReadExt;
 
 /// How long a rank's group may take to vanish after a signal from the test.
 const SIGNAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -24,10 +24,16 @@ const SIGNAL_TIMEOUT: Duration = Duration::from_secs(10);
 const SLEEPERS: &[&str] = &["sh", "-c", "sleep 300 & sleep 300 & wait"];
 
 async fn start_sleepers(spawner: &SshSpawner, rank: usize) -> (Spawned, u32) {
-    let spawned = spawner.spawn(&spec(rank, "host-a", SLEEPERS)).await.expect("rank starts");
+    let spawned = spawner
+        .spawn(&spec(rank, "host-a", SLEEPERS))
+        .await
+        .expect("rank starts");
     let pgid = spawned.pid.expect("remote pid reported");
     let full = eventually(SIGNAL_TIMEOUT, || processes_in_group(pgid).len() >= 3).await;
-    assert!(full, "rank {rank}: group {pgid} never had its three processes");
+    assert!(
+        full,
+        "rank {rank}: group {pgid} never had its three processes"
+    );
     (spawned, pgid)
 }
 
@@ -51,22 +57,37 @@ async fn terminate_stops_the_whole_remote_group() {
     let spawner = SshSpawner::new(options(&sshd)).unwrap();
     let (spawned, pgid) = start_sleepers(&spawner, 0).await;
 
-    spawned.control.signal(RankSignal::Terminate).await.expect("signal sent");
+    spawned
+        .control
+        .signal(RankSignal::Terminate)
+        .await
+        .expect("signal sent");
     let finished = run_to_end(spawned).await;
 
     assert_eq!(finished.termination, Termination::Signaled(15));
-    assert!(processes_in_group(pgid).is_empty(), "group {pgid} survived SIGTERM");
+    assert!(
+        processes_in_group(pgid).is_empty(),
+        "group {pgid} survived SIGTERM"
+    );
 }
 
 #[tokio::test]
 async fn kill_stops_a_rank_that_ignores_terminate() {
     let sshd = Sshd::start();
     let spawner = SshSpawner::new(options(&sshd)).unwrap();
-    let rank = spec(0, "host-a", &["sh", "-c", "trap '' TERM; echo ready; sleep 300 & wait"]);
+    let rank = spec(
+        0,
+        "host-a",
+        &["sh", "-c", "trap '' TERM; echo ready; sleep 300 & wait"],
+    );
     let mut spawned = spawner.spawn(&rank).await.unwrap();
     let pgid = spawned.pid.unwrap();
     let mut ready = [0u8; 6];
-    spawned.stdout.read_exact(&mut ready).await.expect("rank reports ready");
+    spawned
+        .stdout
+        .read_exact(&mut ready)
+        .await
+        .expect("rank reports ready");
     assert_eq!(&ready, b"ready\n");
 
     spawned.control.signal(RankSignal::Terminate).await.unwrap();
@@ -74,7 +95,10 @@ async fn kill_stops_a_rank_that_ignores_terminate() {
     let finished = run_to_end(spawned).await;
 
     assert_eq!(finished.termination, Termination::Signaled(9));
-    assert!(processes_in_group(pgid).is_empty(), "group {pgid} survived SIGKILL");
+    assert!(
+        processes_in_group(pgid).is_empty(),
+        "group {pgid} survived SIGKILL"
+    );
 }
 
 /// A rank started in the background by a non-interactive shell would ignore
@@ -83,7 +107,11 @@ async fn kill_stops_a_rank_that_ignores_terminate() {
 async fn interrupt_reaches_the_rank() {
     let sshd = Sshd::start();
     let spawner = SshSpawner::new(options(&sshd)).unwrap();
-    let rank = spec(0, "host-a", &["sh", "-c", "trap 'exit 42' INT; while :; do sleep 1; done"]);
+    let rank = spec(
+        0,
+        "host-a",
+        &["sh", "-c", "trap 'exit 42' INT; while :; do sleep 1; done"],
+    );
     let spawned = spawner.spawn(&rank).await.unwrap();
 
     spawned.control.signal(RankSignal::Interrupt).await.unwrap();
@@ -96,14 +124,21 @@ async fn interrupt_reaches_the_rank() {
 async fn leftover_processes_stop_when_the_leader_exits() {
     let sshd = Sshd::start();
     let spawner = SshSpawner::new(options(&sshd)).unwrap();
-    let rank = spec(0, "host-a", &["sh", "-c", "sleep 300 >/dev/null 2>&1 & exit 3"]);
+    let rank = spec(
+        0,
+        "host-a",
+        &["sh", "-c", "sleep 300 >/dev/null 2>&1 & exit 3"],
+    );
     let spawned = spawner.spawn(&rank).await.unwrap();
     let pgid = spawned.pid.unwrap();
 
     let finished = run_to_end(spawned).await;
 
     assert_eq!(finished.termination, Termination::Exited(3));
-    assert!(processes_in_group(pgid).is_empty(), "leftover sleep in group {pgid}");
+    assert!(
+        processes_in_group(pgid).is_empty(),
+        "leftover sleep in group {pgid}"
+    );
 }
 
 #[tokio::test]
@@ -112,7 +147,11 @@ async fn killed_ssh_client_stops_its_remote_rank() {
     let spawner = SshSpawner::new(options(&sshd)).unwrap();
     let (spawned, pgid) = start_sleepers(&spawner, 5).await;
     let clients = local_ssh_clients(&sshd, "rank-5-");
-    assert_eq!(clients.len(), 1, "expected one ssh client for rank 5: {clients:?}");
+    assert_eq!(
+        clients.len(),
+        1,
+        "expected one ssh client for rank 5: {clients:?}"
+    );
 
     signal(clients[0].pid, Signal::SIGKILL);
     let error = tokio::time::timeout(watchdog_bound(), spawned.wait)
@@ -148,7 +187,10 @@ async fn dropped_connection_stops_every_remote_rank() {
     assert!(gone, "remote ranks survived the dropped connection");
     for spawned in [first, second] {
         let result = tokio::time::timeout(watchdog_bound(), spawned.wait).await;
-        assert!(matches!(result, Ok(Err(_))), "wait did not report the ssh failure: {result:?}");
+        assert!(
+            matches!(result, Ok(Err(_))),
+            "wait did not report the ssh failure: {result:?}"
+        );
     }
 }
 
@@ -165,7 +207,11 @@ async fn missing_heartbeat_stops_remote_ranks() {
     let gone = eventually(watchdog_bound(), || processes_in_group(pgid).is_empty()).await;
     signal(links[0].pid, Signal::SIGKILL);
 
-    assert!(gone, "remote rank survived {:?} without heartbeat", watchdog_bound());
+    assert!(
+        gone,
+        "remote rank survived {:?} without heartbeat",
+        watchdog_bound()
+    );
 }
 
 #[tokio::test]
@@ -189,7 +235,9 @@ async fn expect_ssh_failure(host: &str, expected: &str) {
     let result = spawner.spawn(&spec(2, host, &["true"])).await;
 
     let elapsed = started.elapsed();
-    let Err(error) = result else { panic!("{host}: rank started") };
+    let Err(error) = result else {
+        panic!("{host}: rank started")
+    };
     let message = error.to_string();
     assert!(matches!(error, SpawnError::Ssh { .. }), "{host}: {message}");
     assert!(message.contains(&format!("rank 2 on {host}")), "{message}");
@@ -220,7 +268,16 @@ async fn killed_launcher_leaves_no_remote_process() {
     let sshd = Sshd::start();
     let config = sshd.config_file().display().to_string();
     let mut launcher = std::process::Command::new(env!("CARGO_BIN_EXE_ssh-launch"))
-        .args(["--config", &config, "--grace", "1", "--keepalive", "1", "host-a", "3"])
+        .args([
+            "--config",
+            &config,
+            "--grace",
+            "1",
+            "--keepalive",
+            "1",
+            "host-a",
+            "3",
+        ])
         .args(SLEEPERS)
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -231,11 +288,16 @@ async fn killed_launcher_leaves_no_remote_process() {
         .take(3)
         .map(|line| {
             let line = line.expect("read a started line");
-            line.rsplit(' ').next().and_then(|pid| pid.parse().ok()).expect("started RANK PID")
+            line.rsplit(' ')
+                .next()
+                .and_then(|pid| pid.parse().ok())
+                .expect("started RANK PID")
         })
         .collect();
     let populated = eventually(SIGNAL_TIMEOUT, || {
-        groups.iter().all(|&group| processes_in_group(group).len() >= 3)
+        groups
+            .iter()
+            .all(|&group| processes_in_group(group).len() >= 3)
     })
     .await;
     assert!(populated, "ranks never started their sleepers: {groups:?}");
@@ -244,13 +306,17 @@ async fn killed_launcher_leaves_no_remote_process() {
     launcher.wait().unwrap();
 
     let clean = eventually(watchdog_bound(), || {
-        groups.iter().all(|&group| processes_in_group(group).is_empty())
+        groups
+            .iter()
+            .all(|&group| processes_in_group(group).is_empty())
             && sshd.descendants().is_empty()
     })
     .await;
     assert!(clean, "remote processes left: {:?}", sshd.descendants());
     let local_clean = eventually(watchdog_bound(), || {
-        processes().iter().all(|process| !(process.args.starts_with("ssh ") && process.args.contains(&config)))
+        processes()
+            .iter()
+            .all(|process| !(process.args.starts_with("ssh ") && process.args.contains(&config)))
     })
     .await;
     assert!(local_clean, "local ssh clients outlived the launcher");

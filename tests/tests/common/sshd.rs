@@ -54,7 +54,12 @@ impl Sshd {
             .tempdir()
             .expect("create the sshd fixture directory");
         let path = dir.path();
-        for key in ["host_key", "other_host_key", "client_key", "unauthorized_key"] {
+        for key in [
+            "host_key",
+            "other_host_key",
+            "client_key",
+            "unauthorized_key",
+        ] {
             keygen(&path.join(key));
         }
         fs::copy(path.join("client_key.pub"), path.join("authorized_keys"))
@@ -158,14 +163,22 @@ pub fn processes() -> Vec<Process> {
             let ppid = fields.next()?.parse().ok()?;
             let pgid = fields.next()?.parse().ok()?;
             let args = fields.collect::<Vec<_>>().join(" ");
-            Some(Process { pid, ppid, pgid, args })
+            Some(Process {
+                pid,
+                ppid,
+                pgid,
+                args,
+            })
         })
         .collect()
 }
 
 /// Processes whose process group id is `pgid`.
 pub fn processes_in_group(pgid: u32) -> Vec<Process> {
-    processes().into_iter().filter(|process| process.pgid == pgid).collect()
+    processes()
+        .into_iter()
+        .filter(|process| process.pgid == pgid)
+        .collect()
 }
 
 /// Lists every process below `root` in the process tree.
@@ -196,7 +209,16 @@ fn sshd_program() -> PathBuf {
 
 fn keygen(path: &Path) {
     let status = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "ringleader-test", "-f"])
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "ringleader-test",
+            "-f",
+        ])
         .arg(path)
         .stdin(Stdio::null())
         .status()

@@ -89,11 +89,13 @@ impl Pool {
             host: spec.host.clone(),
             message,
         };
-        let entry = self.host_entry(spec).map_err(|message| SpawnError::InvalidSpec {
-            rank: spec.rank,
-            host: spec.host.clone(),
-            message,
-        })?;
+        let entry = self
+            .host_entry(spec)
+            .map_err(|message| SpawnError::InvalidSpec {
+                rank: spec.rank,
+                host: spec.host.clone(),
+                message,
+            })?;
         let multiplex = entry
             .multiplex
             .get_or_init(|| self.ours_to_multiplex(&entry))
@@ -111,7 +113,14 @@ impl Pool {
 
         // Without our ControlMaster every rank session is a handshake of its own.
         let handshake = if link.control_path.is_none() {
-            Some(entry.handshakes.clone().acquire_owned().await.expect("semaphore never closed"))
+            Some(
+                entry
+                    .handshakes
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore never closed"),
+            )
         } else {
             None
         };
@@ -183,7 +192,10 @@ impl HostEntry {
         let id = pool.next_id();
         let (room, control_path) = if multiplex {
             let sessions = pool.options.max_sessions_per_connection.max(1);
-            (sessions, Some(pool.private_dir.path().join(format!("cm-{id}"))))
+            (
+                sessions,
+                Some(pool.private_dir.path().join(format!("cm-{id}"))),
+            )
         } else {
             (Semaphore::MAX_PERMITS, None)
         };
@@ -194,7 +206,11 @@ impl HostEntry {
             agent: OnceCell::new(),
         });
         links.push(link.clone());
-        let permit = link.room.clone().try_acquire_owned().expect("new link has room");
+        let permit = link
+            .room
+            .clone()
+            .try_acquire_owned()
+            .expect("new link has room");
         (link, permit)
     }
 }
@@ -223,8 +239,15 @@ struct Link {
 impl Link {
     /// Starts the link's ssh process and waits for the agent's ready line.
     async fn connect(&self, pool: &Pool, entry: &HostEntry) -> Result<Arc<Agent>, String> {
-        let _handshake = entry.handshakes.acquire().await.expect("semaphore never closed");
-        let log_path = pool.private_dir.path().join(format!("link-{}.log", self.id));
+        let _handshake = entry
+            .handshakes
+            .acquire()
+            .await
+            .expect("semaphore never closed");
+        let log_path = pool
+            .private_dir
+            .path()
+            .join(format!("link-{}.log", self.id));
         let mut command = Command::new(&pool.options.program);
         if let Some(path) = &self.control_path {
             command
@@ -369,7 +392,10 @@ impl LinkTask {
         mut lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
         mut commands: mpsc::UnboundedReceiver<String>,
     ) {
-        let mut heartbeat = tokio::time::interval(self.heartbeat_period.max(std::time::Duration::from_millis(100)));
+        let mut heartbeat = tokio::time::interval(
+            self.heartbeat_period
+                .max(std::time::Duration::from_millis(100)),
+        );
         loop {
             tokio::select! {
                 command = commands.recv() => {
@@ -518,7 +544,12 @@ fn random_token() -> String {
     for salt in 0..2u64 {
         let mut hasher: DefaultHasher = state.build_hasher();
         hasher.write_u64(salt);
-        hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
         token.push_str(&format!("{:016x}", hasher.finish()));
     }
     token

@@ -131,7 +131,10 @@ impl SshOptions {
         );
         push_option(
             &mut args,
-            &format!("ServerAliveInterval={}", whole_seconds(self.keepalive_interval)),
+            &format!(
+                "ServerAliveInterval={}",
+                whole_seconds(self.keepalive_interval)
+            ),
         );
         push_option(
             &mut args,
@@ -213,5 +216,7 @@ impl Spawner for SshSpawner {
 
 /// Locks a mutex whose data stays consistent even if a holder panicked.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -206,12 +206,13 @@ pub(super) fn rank_script(spec: &RankSpec, params: &RankParams<'_>) -> Result<St
 
     script.push_str("rl_cleanup() {\n  :\n");
     for index in 0..file_count {
-        let _ = writeln!(script, "  [ -z \"$rl_f{index}\" ] || rm -f -- \"$rl_f{index}\"");
+        let _ = writeln!(
+            script,
+            "  [ -z \"$rl_f{index}\" ] || rm -f -- \"$rl_f{index}\""
+        );
     }
     script.push_str("}\n");
-    script.push_str(
-        "rl_fail() {\n  printf '%s\\n' \"$2\" >&2\n  rl_cleanup\n  exit \"$1\"\n}\n",
-    );
+    script.push_str("rl_fail() {\n  printf '%s\\n' \"$2\" >&2\n  rl_cleanup\n  exit \"$1\"\n}\n");
 
     script.push_str("rl_rank() {\n");
     for index in 0..file_count {
@@ -232,8 +233,14 @@ pub(super) fn rank_script(spec: &RankSpec, params: &RankParams<'_>) -> Result<St
     script.push_str("  umask \"$rl_umask\"\n");
 
     if let (None, Some(dir)) = (&spec.cwd, &spec.default_cwd) {
-        let dir = sh_quote(dir.to_str().ok_or("default working directory is not valid UTF-8")?);
-        let _ = writeln!(script, "  if [ -d {dir} ]; then cd -- {dir} 2>/dev/null || :; fi");
+        let dir = sh_quote(
+            dir.to_str()
+                .ok_or("default working directory is not valid UTF-8")?,
+        );
+        let _ = writeln!(
+            script,
+            "  if [ -d {dir} ]; then cd -- {dir} 2>/dev/null || :; fi"
+        );
     }
     if let Some(cwd) = &spec.cwd {
         let cwd = cwd.to_str().ok_or("working directory is not valid UTF-8")?;
@@ -278,9 +285,8 @@ pub(super) fn rank_script(spec: &RankSpec, params: &RankParams<'_>) -> Result<St
          exec \"$@\""
     ));
     let stdin = if spec.stdin { "" } else { " </dev/null" };
-    let no_group = sh_quote(
-        "cannot start a process group: neither setsid nor perl is installed on this host",
-    );
+    let no_group =
+        sh_quote("cannot start a process group: neither setsid nor perl is installed on this host");
     let _ = writeln!(
         script,
         r#"  rl_reg={registration}
@@ -321,11 +327,155 @@ fn check_values(spec: &RankSpec) -> Result<(), String> {
         check_env_name(&file.env_var)?;
         check_shell_value(&format!("the file for {}", file.env_var), &file.contents)?;
     }
-    for (what, dir) in [("working directory", &spec.cwd), ("default working directory", &spec.default_cwd)] {
+    for (what, dir) in [
+        ("working directory", &spec.cwd),
+        ("default working directory", &spec.default_cwd),
+    ] {
         if let Some(dir) = dir {
-            let dir = dir.to_str().ok_or_else(|| format!("{what} is not valid UTF-8"))?;
+            let dir = dir
+                .to_str()
+                .ok_or_else(|| format!("{what} is not valid UTF-8"))?;
             check_shell_value(what, dir)?;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::{RankFile, SshTarget};
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+
+    fn sample_spec() -> RankSpec {
+        RankSpec {
+            rank: 4,
+            host: "node".to_owned(),
+            ssh: SshTarget::default(),
+            argv: vec![
+                "sh".to_owned(),
+                "-c".to_owned(),
+                "ps -o pgid= -p $$; echo \"$GREETING\"".to_owned(),
+            ],
+            env: vec![("GREETING".to_owned(), "it's $(here)".to_owned())],
+            files: vec![RankFile {
+                env_var: "MLX_HOSTFILE".to_owned(),
+                contents: "[]".to_owned(),
+            }],
+            cwd: Some("/".into()),
+            default_cwd: None,
+            stdin: false,
+        }
+    }
+
+    fn sample_agent() -> String {
+        agent_script(&AgentParams {
+            token: "rlTEST",
+            keepalive_interval: Duration::from_millis(1500),
+            keepalive_count_max: 3,
+            grace: Duration::from_secs(2),
+        })
+    }
+
+    /// Runs [`BOOTSTRAP`] locally the way the remote login shell would, with
+    /// `script` framed on stdin and `path` as PATH.
+    fn run_bootstrap(script: &str, path: &str) -> std::process::Output {
+        let mut child = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(BOOTSTRAP)
+            .env("PATH", path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("/bin/sh runs");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(&frame(script))
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    #[test]
+    fn scripts_parse_in_dash_and_bash() {
+        let rank = rank_script(
+            &sample_spec(),
+            &RankParams {
+                token: "rlTEST",
+                agent_dir: "/tmp/x",
+                grace: Duration::from_secs(1),
+            },
+        )
+        .unwrap();
+        for shell in ["dash", "bash"] {
+            let Ok(path) = which(shell) else { continue };
+            for (name, script) in [("rank", &rank), ("agent", &sample_agent())] {
+                let status = Command::new(&path)
+                    .arg("-n")
+                    .arg("-c")
+                    .arg(script)
+                    .status()
+                    .unwrap();
+                assert!(status.success(), "{shell} rejects the {name} script");
+            }
+        }
+    }
+
+    #[test]
+    fn rank_gets_its_own_group_through_perl_without_setsid() {
+        let Ok(perl) = which("perl") else { return };
+        let tools = tempfile::tempdir().unwrap();
+        for tool in ["sh", "mktemp", "mv", "rm", "sleep", "dd", "ps", "cat"] {
+            let target = which(tool).unwrap_or_else(|_| panic!("{tool} installed"));
+            std::os::unix::fs::symlink(target, tools.path().join(tool)).unwrap();
+        }
+        std::os::unix::fs::symlink(perl, tools.path().join("perl")).unwrap();
+        let agent_dir = tempfile::tempdir().unwrap();
+        let script = rank_script(
+            &sample_spec(),
+            &RankParams {
+                token: "rlTEST",
+                agent_dir: agent_dir.path().to_str().unwrap(),
+                grace: Duration::from_secs(1),
+            },
+        )
+        .unwrap();
+
+        let output = run_bootstrap(&script, tools.path().to_str().unwrap());
+
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "stderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let mut lines = stdout.lines();
+        let start = lines.next().expect("start line");
+        let leader: u32 = start
+            .strip_prefix("rlTEST ")
+            .expect("token prefix")
+            .parse()
+            .unwrap();
+        let group: u32 = lines.next().expect("pgid line").trim().parse().unwrap();
+        assert_eq!(group, leader, "the rank leads its own process group");
+        assert_eq!(lines.next(), Some("it's $(here)"));
+        assert!(
+            std::fs::read_dir(agent_dir.path())
+                .unwrap()
+                .next()
+                .is_none(),
+            "registration left behind"
+        );
+    }
+
+    fn which(program: &str) -> Result<std::path::PathBuf, ()> {
+        let path = std::env::var_os("PATH").ok_or(())?;
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(program))
+            .find(|candidate| candidate.is_file())
+            .ok_or(())
+    }
 }

@@ -10,14 +10,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdout, Command};
 
 use super::connection::{
-    clip, control_path_option, describe_status, failure_message, read_log, Agent,
-    Pool, Session,
+    clip, control_path_option, describe_status, failure_message, read_log, Agent, Pool, Session,
 };
 use super::script::{self, RankParams, BOOTSTRAP, EXIT_COMMAND_NOT_FOUND};
 use super::{lock, SshSessionError, UnconfirmedRank};
-use crate::exec::{
-    BoxFuture, RankControl, RankSignal, RankSpec, SpawnError, Spawned, Termination,
-};
+use crate::exec::{BoxFuture, RankControl, RankSignal, RankSpec, SpawnError, Spawned, Termination};
 
 /// Most bytes of login-shell chatter accepted on stdout before the start line.
 const MAX_BYTES_BEFORE_START: usize = 1 << 20;
@@ -46,10 +43,10 @@ pub(super) async fn start(pool: Arc<Pool>, spec: &RankSpec) -> Result<Spawned, S
     )
     .map_err(invalid)?;
 
-    let log_path = pool
-        .private_dir
-        .path()
-        .join(format!("rank-{}-{}.log", spec.rank, pool.next_id()));
+    let log_path =
+        pool.private_dir
+            .path()
+            .join(format!("rank-{}-{}.log", spec.rank, pool.next_id()));
     let mut child = ssh_command(&pool, spec, &session, &log_path)
         .spawn()
         .map_err(|source| SpawnError::Io {
@@ -117,8 +114,9 @@ pub(super) async fn start(pool: Arc<Pool>, spec: &RankSpec) -> Result<Spawned, S
         stdout: Box::new(std::io::Cursor::new(start.leftover).chain(stdout)),
         stderr: Box::new(stderr),
         wait: Box::pin(async move {
-            wait.await
-                .unwrap_or_else(|error| Err(io::Error::other(format!("rank wait task failed: {error}"))))
+            wait.await.unwrap_or_else(|error| {
+                Err(io::Error::other(format!("rank wait task failed: {error}")))
+            })
         }),
         control: Box::new(SshRankControl {
             rank: spec.rank,
@@ -234,7 +232,9 @@ fn find_start_line(buffer: &[u8], token: &str) -> Option<StartLine> {
         let line_end = line_start + offset;
         let line = &buffer[line_start..line_end];
         if let Some(pid) = line.strip_prefix(prefix.as_bytes()) {
-            let pid = std::str::from_utf8(pid).ok().and_then(|pid| pid.parse().ok());
+            let pid = std::str::from_utf8(pid)
+                .ok()
+                .and_then(|pid| pid.parse().ok());
             let mut leftover = buffer[..line_start].to_vec();
             leftover.extend_from_slice(&buffer[line_end + 1..]);
             return Some(StartLine { pid, leftover });
@@ -269,7 +269,9 @@ impl Ending {
             None => true,
         };
         if !ssh_failed {
-            let code = status.code().expect("exit code present when ssh did not fail");
+            let code = status
+                .code()
+                .expect("exit code present when ssh did not fail");
             return Ok(termination_from_remote_status(code));
         }
 
@@ -366,7 +368,13 @@ mod tests {
     fn remote_status_above_128_means_signal() {
         assert_eq!(termination_from_remote_status(0), Termination::Exited(0));
         assert_eq!(termination_from_remote_status(3), Termination::Exited(3));
-        assert_eq!(termination_from_remote_status(143), Termination::Signaled(15));
-        assert_eq!(termination_from_remote_status(255), Termination::Exited(255));
+        assert_eq!(
+            termination_from_remote_status(143),
+            Termination::Signaled(15)
+        );
+        assert_eq!(
+            termination_from_remote_status(255),
+            Termination::Exited(255)
+        );
     }
 }
