@@ -6,9 +6,12 @@ mod common;
 use std::time::Duration;
 
 use common::sshd::drive::{options, run_to_end, spec};
-use common::sshd::{processes, Sshd, HOST_ALIASES, USER_MULTIPLEX_ALIAS};
-use ringleader::exec::ssh::SshSpawner;
-use ringleader::exec::{RankFile, SpawnError, Spawner, Termination};
+use common::sshd::{
+    processes, Sshd, CLOSED_PORT_ALIAS, HOST_ALIASES, UNAUTHORIZED_KEY_ALIAS,
+    UNKNOWN_HOST_KEY_ALIAS, USER_MULTIPLEX_ALIAS,
+};
+use ringleader::exec::ssh::{SshOptions, SshSpawner};
+use ringleader::exec::{RankFile, SpawnError, Spawner, SshTarget, Termination};
 use tokio::io::AsyncWriteExt;
 
 #[tokio::test]
@@ -401,6 +404,81 @@ async fn missing_working_directory_fails_the_spawn() {
         message.contains("working directory /nonexistent/ringleader-dir"),
         "{message}"
     );
+}
+
+async fn run_echo(
+    options: SshOptions,
+    host: &str,
+    target: SshTarget,
+) -> Result<String, SpawnError> {
+    let spawner = SshSpawner::new(options).unwrap();
+    let mut rank = spec(0, host, &["echo", "reached"]);
+    rank.ssh = target;
+    let spawned = spawner.spawn(&rank).await?;
+    Ok(run_to_end(spawned).await.stdout_text())
+}
+
+#[tokio::test]
+async fn hostfile_port_overrides_the_config() {
+    let sshd = Sshd::start();
+    let target = SshTarget {
+        port: Some(sshd.port()),
+        ..SshTarget::default()
+    };
+
+    let output = run_echo(options(&sshd), CLOSED_PORT_ALIAS, target).await;
+
+    assert_eq!(output.expect("port from the hostfile used"), "reached\n");
+}
+
+#[tokio::test]
+async fn hostfile_identity_and_user_are_used() {
+    let sshd = Sshd::start();
+    let user = common::sshd::user_name();
+    let target = SshTarget {
+        identity: Some(sshd.client_key()),
+        user: Some(user),
+        ..SshTarget::default()
+    };
+
+    let output = run_echo(options(&sshd), UNAUTHORIZED_KEY_ALIAS, target).await;
+
+    assert_eq!(
+        output.expect("identity from the hostfile used"),
+        "reached\n"
+    );
+}
+
+#[tokio::test]
+async fn extra_options_override_the_config() {
+    let sshd = Sshd::start();
+    let mut options = options(&sshd);
+    options.extra_options = vec![format!("Port={}", sshd.port())];
+
+    let output = run_echo(options, CLOSED_PORT_ALIAS, SshTarget::default()).await;
+
+    assert_eq!(output.expect("extra option used"), "reached\n");
+}
+
+#[tokio::test]
+async fn unknown_host_key_is_rejected_unless_accept_new() {
+    let sshd = Sshd::start();
+
+    let strict = run_echo(options(&sshd), UNKNOWN_HOST_KEY_ALIAS, SshTarget::default()).await;
+    let mut accepting = options(&sshd);
+    accepting.accept_new_host_keys = true;
+    let accepted = run_echo(accepting, UNKNOWN_HOST_KEY_ALIAS, SshTarget::default()).await;
+
+    let Err(error) = strict else {
+        panic!("unknown host key accepted by default")
+    };
+    assert!(
+        error.to_string().contains("Host key verification failed"),
+        "{error}"
+    );
+    assert_eq!(accepted.expect("accept-new adds the key"), "reached\n");
+    let known = std::fs::read_to_string(sshd.dir().join("empty_known_hosts")).unwrap();
+    assert!(known.contains("ssh-ed25519"), "key not added: {known:?}");
 }
 
 /// Awaits all futures concurrently, keeping their order.

@@ -27,6 +27,8 @@ pub const CLOSED_PORT_ALIAS: &str = "closed-port";
 pub const WRONG_HOST_KEY_ALIAS: &str = "wrong-hostkey";
 /// An alias that offers a client key the sshd does not accept.
 pub const UNAUTHORIZED_KEY_ALIAS: &str = "unauthorized-key";
+/// An alias whose known_hosts file starts empty.
+pub const UNKNOWN_HOST_KEY_ALIAS: &str = "unknown-hostkey";
 /// An alias whose config sets its own ControlMaster and ControlPath
 /// (`user-mux-%C` in the fixture directory).
 pub const USER_MULTIPLEX_ALIAS: &str = "user-mux";
@@ -71,6 +73,7 @@ impl Sshd {
         write_known_hosts(path, "host_key.pub", "known_hosts", port);
         write_known_hosts(path, "other_host_key.pub", "other_known_hosts", port);
         write_client_config(path, port, closed_port);
+        fs::write(path.join("empty_known_hosts"), "").expect("write empty_known_hosts");
 
         if nix::unistd::geteuid().is_root() {
             // sshd running as root needs its privilege separation directory.
@@ -107,6 +110,11 @@ impl Sshd {
     /// Returns the fixture's directory (keys, configs, the user-mux socket).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Returns the path of the client key that sshd accepts.
+    pub fn client_key(&self) -> PathBuf {
+        self.dir.path().join("client_key")
     }
 
     /// Reads the sshd log, for failure messages.
@@ -233,7 +241,8 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn user_name() -> String {
+/// Returns the name of the user the tests (and sshd) run as.
+pub fn user_name() -> String {
     nix::unistd::User::from_uid(nix::unistd::geteuid())
         .ok()
         .flatten()
@@ -281,11 +290,13 @@ Host {CLOSED_PORT_ALIAS}
   Port {closed_port}
 Host {UNAUTHORIZED_KEY_ALIAS}
   IdentityFile {path}/unauthorized_key
+Host {UNKNOWN_HOST_KEY_ALIAS}
+  UserKnownHostsFile {path}/empty_known_hosts
 Host {USER_MULTIPLEX_ALIAS}
   ControlMaster auto
   ControlPath {path}/user-mux-%C
   ControlPersist no
-Host host-* {WRONG_HOST_KEY_ALIAS} {CLOSED_PORT_ALIAS} {USER_MULTIPLEX_ALIAS}
+Host host-* {WRONG_HOST_KEY_ALIAS} {CLOSED_PORT_ALIAS} {USER_MULTIPLEX_ALIAS} {UNKNOWN_HOST_KEY_ALIAS}
   IdentityFile {path}/client_key
 Host *
   HostName 127.0.0.1

@@ -184,6 +184,8 @@ impl HostEntry {
     /// Takes a slot on an existing link, or adds a new link.
     fn link_with_room(&self, pool: &Pool, multiplex: bool) -> (Arc<Link>, OwnedSemaphorePermit) {
         let mut links = lock(&self.links);
+        // A link whose connection has died cannot signal new ranks, so it gets no more.
+        links.retain(|link| !matches!(link.agent.get(), Some(Ok(agent)) if !agent.is_alive()));
         for link in links.iter() {
             if let Ok(permit) = link.room.clone().try_acquire_owned() {
                 return (link.clone(), permit);
