@@ -47,17 +47,30 @@ pub struct InvalidHost {
 }
 
 /// Rejects a host value that ssh could read as an option or that is not one
-/// word: empty, starting with `-` (`-oProxyCommand=...` would run a local
-/// command), or containing whitespace or control characters. `user@host`
-/// and ssh config aliases are accepted.
+/// plain word: empty, starting with `-` (`-oProxyCommand=...` would run a
+/// local command), with a login part after `@` that starts with `-`, or
+/// containing whitespace, control characters or shell metacharacters (ssh
+/// substitutes the host for `%h` in a configured `ProxyCommand`, which runs
+/// through a shell). `user@host`, IPv6 addresses and ssh config aliases pass.
 pub fn validate_host(host: &str) -> Result<(), InvalidHost> {
-    validate_word("host", host)
+    validate_word("host", host)?;
+    if host.rsplit('@').next().is_some_and(|name| name.starts_with('-')) {
+        return Err(InvalidHost {
+            field: "host",
+            value: host.to_owned(),
+            reason: "the host name after '@' starts with '-'",
+        });
+    }
+    Ok(())
 }
 
 /// Applies the same rules as [`validate_host`] to a login user name.
 pub(crate) fn validate_user(user: &str) -> Result<(), InvalidHost> {
     validate_word("user", user)
 }
+
+/// Characters a host or user may contain besides letters and digits.
+const WORD_PUNCTUATION: &str = "._-@:%[]+";
 
 fn validate_word(field: &'static str, value: &str) -> Result<(), InvalidHost> {
     let reason = if value.is_empty() {
@@ -68,6 +81,11 @@ fn validate_word(field: &'static str, value: &str) -> Result<(), InvalidHost> {
         Some("it contains whitespace")
     } else if value.chars().any(char::is_control) {
         Some("it contains a control character")
+    } else if !value
+        .chars()
+        .all(|ch| ch.is_alphanumeric() || WORD_PUNCTUATION.contains(ch))
+    {
+        Some("it contains a character other than letters, digits and ._-@:%[]+")
     } else {
         None
     };
@@ -157,10 +175,24 @@ mod tests {
             "host\tname",
             "host\nname",
             "host\u{7}",
+            "user@-oProxyCommand=x",
+            "host;touch x",
+            "$(touch x)",
+            "`x`",
+            "a|b",
+            "a'b",
         ] {
             assert!(validate_host(bad).is_err(), "{bad:?} accepted");
         }
-        for good in ["node1", "user@node1", "10.0.0.1", "::1", "node-1.example"] {
+        for good in [
+            "node1",
+            "user@node1",
+            "10.0.0.1",
+            "::1",
+            "fe80::1%eth0",
+            "node-1.example",
+            "node_2",
+        ] {
             assert!(validate_host(good).is_ok(), "{good:?} rejected");
         }
     }

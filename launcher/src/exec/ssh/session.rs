@@ -297,7 +297,7 @@ impl Ending {
             confirmed_dead,
             watchdog_bound: watchdog_bound(&self.pool),
         };
-        tracing::error!("{error}");
+        tracing::debug!(%error, "rank session failed");
         Err(io::Error::other(error))
     }
 }
