@@ -364,6 +364,12 @@ impl Agent {
         self.is_alive() && self.commands.send(format!("s {rank} {signal}\n")).is_ok()
     }
 
+    /// Asks the agent to stop the rank's group (TERM, grace, KILL), without
+    /// waiting for its reply.
+    pub(super) fn request_stop(&self, rank: usize) {
+        let _ = self.commands.send(format!("x {rank}\n"));
+    }
+
     /// Asks the agent to stop the rank's group (TERM, grace, KILL) and waits
     /// up to `timeout` for it to confirm that the group is gone.
     pub(super) async fn stop_and_confirm(&self, rank: usize, timeout: std::time::Duration) -> bool {

@@ -33,6 +33,11 @@ pub(super) async fn start(pool: Arc<Pool>, spec: &RankSpec) -> Result<Spawned, S
     script::rank_script(spec, &placeholder_params(&pool)).map_err(invalid)?;
 
     let session = pool.acquire(spec).await?;
+    let mut abandon_guard = AbandonGuard {
+        agent: session.agent.clone(),
+        rank: spec.rank,
+        armed: true,
+    };
     let rank_script = script::rank_script(
         spec,
         &RankParams {
@@ -83,6 +88,7 @@ pub(super) async fn start(pool: Arc<Pool>, spec: &RankSpec) -> Result<Spawned, S
         }
     };
     drop(session.handshake);
+    abandon_guard.armed = false;
     tracing::debug!(rank = spec.rank, host = %spec.host, pid = ?start.pid, "remote rank started");
 
     let stdin = if spec.stdin {
@@ -196,6 +202,23 @@ fn start_error(spec: &RankSpec, message: String) -> SpawnError {
                 spec.host
             ),
         },
+    }
+}
+
+/// Stops the remote rank if `start` returns early or is cancelled after the
+/// rank may have registered with the agent, for example on a start timeout.
+struct AbandonGuard {
+    agent: Arc<Agent>,
+    rank: usize,
+    /// False once the rank has started and the wait task owns its teardown.
+    armed: bool,
+}
+
+impl Drop for AbandonGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.agent.request_stop(self.rank);
+        }
     }
 }
 
