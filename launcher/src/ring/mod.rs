@@ -241,6 +241,11 @@ impl<N: Net> Group<N> {
         self.size
     }
 
+    /// Number of TCP connections to each neighbour (0 in a one-rank group).
+    pub fn connections(&self) -> usize {
+        self.connections
+    }
+
     /// Replaces every element with its sum over all ranks.
     pub async fn all_sum<T: Element>(&mut self, data: &mut [T]) -> Result<(), RingError> {
         self.all_reduce(ReduceOp::Sum, data, element::sum_fn::<T>()).await
