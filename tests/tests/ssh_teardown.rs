@@ -110,9 +110,16 @@ async fn interrupt_reaches_the_rank() {
     let rank = spec(
         0,
         "host-a",
-        &["sh", "-c", "trap 'exit 42' INT; while :; do sleep 1; done"],
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 42' INT; echo ready; while :; do sleep 1; done",
+        ],
     );
-    let spawned = spawner.spawn(&rank).await.unwrap();
+    let mut spawned = spawner.spawn(&rank).await.unwrap();
+    let mut ready = [0u8; 6];
+    spawned.stdout.read_exact(&mut ready).await.expect("rank reports ready");
+    assert_eq!(&ready, b"ready\n");
 
     spawned.control.signal(RankSignal::Interrupt).await.unwrap();
     let finished = run_to_end(spawned).await;
