@@ -211,7 +211,7 @@ async fn hostile_working_directory_is_entered_literally() {
     let dir = tempfile::tempdir().unwrap();
     // A directory name cannot contain '/', so the injected command uses a relative path.
     let name = "it's $(touch canary) `touch canary` \n=dir";
-    let canaries = [dir.path().join("canary"), home_dir().join("canary")];
+    let canaries = [dir.path().join("canary"), sshd.dir().join("home/canary")];
     let cwd = dir.path().join(name);
     std::fs::create_dir(&cwd).unwrap();
     let mut rank = spec(0, "host-a", &["sh", "-c", "pwd -P"]);
@@ -321,6 +321,34 @@ async fn thirty_two_ranks_start_on_one_host() {
         let finished = task.await.unwrap();
         assert_eq!(finished.stdout_text(), format!("rank {rank}\n"));
         assert_eq!(finished.termination, Termination::Exited(0));
+    }
+}
+
+/// Four aliases of one sshd with 12 ranks each need eight connections, more
+/// than sshd accepts in parallel by default unless the aliases share one
+/// handshake limit.
+#[tokio::test]
+async fn forty_eight_ranks_start_across_aliases_of_one_server() {
+    let sshd = Sshd::start();
+    let spawner = SshSpawner::new(options(&sshd)).unwrap();
+    let specs: Vec<_> = (0..48)
+        .map(|rank| {
+            let host = HOST_ALIASES[rank % HOST_ALIASES.len()];
+            spec(rank, host, &["sh", "-c", &format!("echo rank {rank}")])
+        })
+        .collect();
+
+    let started = futures_join_all(specs.iter().map(|spec| spawner.spawn(spec))).await;
+    let mut finished = Vec::new();
+    for (rank, spawned) in started.into_iter().enumerate() {
+        let spawned =
+            spawned.unwrap_or_else(|error| panic!("rank {rank} failed to start: {error}"));
+        finished.push(tokio::spawn(run_to_end(spawned)));
+    }
+
+    for (rank, task) in finished.into_iter().enumerate() {
+        let finished = task.await.unwrap();
+        assert_eq!(finished.stdout_text(), format!("rank {rank}\n"));
     }
 }
 
@@ -508,10 +536,4 @@ async fn futures_join_all<F: std::future::Future>(
         .into_iter()
         .map(|output| output.expect("every future finished"))
         .collect()
-}
-
-fn home_dir() -> std::path::PathBuf {
-    std::env::var_os("HOME")
-        .map(Into::into)
-        .unwrap_or_else(|| "/".into())
 }

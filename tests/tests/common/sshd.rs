@@ -66,6 +66,9 @@ impl Sshd {
         }
         fs::copy(path.join("client_key.pub"), path.join("authorized_keys"))
             .expect("write authorized_keys");
+        // Remote sessions get this empty HOME, so the login shell reads none
+        // of this machine's startup files.
+        fs::create_dir(path.join("home")).expect("create the remote HOME");
 
         let port = free_port();
         let closed_port = free_port();
@@ -267,6 +270,7 @@ PrintMotd no
 PrintLastLog no
 PermitRootLogin prohibit-password
 AllowUsers {user}
+SetEnv HOME={dir}/home
 ",
         user = user_name()
     );

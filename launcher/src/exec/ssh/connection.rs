@@ -32,6 +32,8 @@ pub(super) struct Pool {
     /// Private (0700) directory for control sockets and ssh log files.
     pub(super) private_dir: tempfile::TempDir,
     hosts: Mutex<HashMap<String, Arc<HostEntry>>>,
+    /// Handshake limits per server (`hostname:port` after ssh config).
+    servers: Mutex<HashMap<String, Arc<Semaphore>>>,
     pub(super) unconfirmed: Mutex<Vec<UnconfirmedRank>>,
     next_id: AtomicUsize,
 }
@@ -45,6 +47,7 @@ impl Pool {
             token: random_token(),
             private_dir,
             hosts: Mutex::new(HashMap::new()),
+            servers: Mutex::new(HashMap::new()),
             unconfirmed: Mutex::new(Vec::new()),
             next_id: AtomicUsize::new(0),
         })
@@ -74,8 +77,7 @@ impl Pool {
             Arc::new(HostEntry {
                 host: spec.host.clone(),
                 target_args: target_args(spec),
-                handshakes: Arc::new(Semaphore::new(self.options.max_startups_per_host.max(1))),
-                multiplex: OnceCell::new(),
+                resolved: OnceCell::new(),
                 links: Mutex::new(Vec::new()),
             })
         });
@@ -96,17 +98,17 @@ impl Pool {
                 host: spec.host.clone(),
                 message,
             })?;
-        let multiplex = entry
-            .multiplex
-            .get_or_init(|| self.ours_to_multiplex(&entry))
+        let resolved = entry
+            .resolved
+            .get_or_init(|| self.resolve(&entry))
             .await
             .clone()
             .map_err(ssh_error)?;
 
-        let (link, permit) = entry.link_with_room(self, multiplex);
+        let (link, permit) = entry.link_with_room(self, resolved.ours_to_multiplex);
         let agent = link
             .agent
-            .get_or_init(|| link.connect(self, &entry))
+            .get_or_init(|| link.connect(self, &entry, &resolved.handshakes))
             .await
             .clone()
             .map_err(ssh_error)?;
@@ -114,7 +116,7 @@ impl Pool {
         // Without our ControlMaster every rank session is a handshake of its own.
         let handshake = if link.control_path.is_none() {
             Some(
-                entry
+                resolved
                     .handshakes
                     .clone()
                     .acquire_owned()
@@ -133,12 +135,9 @@ impl Pool {
         })
     }
 
-    /// Decides whether the spawner runs its own ControlMaster for this host:
-    /// yes unless disabled or the user's ssh config already sets a ControlPath.
-    async fn ours_to_multiplex(&self, entry: &HostEntry) -> Result<bool, String> {
-        if !self.options.multiplex {
-            return Ok(false);
-        }
+    /// Reads the effective ssh config for the host (`ssh -G`): whether the
+    /// user's config sets a ControlPath, and which server it reaches.
+    async fn resolve(&self, entry: &HostEntry) -> Result<Resolved, String> {
         let output = Command::new(&self.options.program)
             .args(&self.common_args)
             .args(&entry.target_args)
@@ -156,16 +155,43 @@ impl Pool {
                 clip(&String::from_utf8_lossy(&output.stderr))
             ));
         }
+
         let config = String::from_utf8_lossy(&output.stdout);
-        let user_control_path = config.lines().any(|line| {
-            let mut words = line.split_whitespace();
-            words.next() == Some("controlpath") && words.next().is_some_and(|path| path != "none")
-        });
+        let value_of = |key: &str| {
+            config.lines().find_map(|line| {
+                let (name, value) = line.split_once(' ')?;
+                (name == key).then(|| value.trim().to_owned())
+            })
+        };
+        let user_control_path = value_of("controlpath").is_some_and(|path| path != "none");
         if user_control_path {
             tracing::debug!(host = %entry.host, "ssh config sets a ControlPath; leaving multiplexing to it");
         }
-        Ok(!user_control_path)
+
+        // Aliases of one server share its handshake limit, since sshd's MaxStartups counts them together.
+        let server = format!(
+            "{}:{}",
+            value_of("hostname").unwrap_or_else(|| entry.host.clone()),
+            value_of("port").unwrap_or_default()
+        );
+        let handshakes = lock(&self.servers)
+            .entry(server)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.options.max_startups_per_host.max(1))))
+            .clone();
+        Ok(Resolved {
+            ours_to_multiplex: self.options.multiplex && !user_control_path,
+            handshakes,
+        })
     }
+}
+
+/// The parts of a host's effective ssh config (`ssh -G`) that the spawner uses.
+#[derive(Clone)]
+struct Resolved {
+    /// Whether the links to this host are our ControlMasters.
+    ours_to_multiplex: bool,
+    /// Limits concurrent ssh handshakes to the server behind the host.
+    handshakes: Arc<Semaphore>,
 }
 
 /// Connections to one host with one login (user, port, identity).
@@ -173,10 +199,8 @@ struct HostEntry {
     host: String,
     /// `-l`, `-p`, `-i` from the hostfile entry.
     target_args: Vec<OsString>,
-    /// Limits concurrent ssh handshakes to this host.
-    handshakes: Arc<Semaphore>,
-    /// Whether the links to this host are our ControlMasters.
-    multiplex: OnceCell<Result<bool, String>>,
+    /// The host's effective ssh config, read once.
+    resolved: OnceCell<Result<Resolved, String>>,
     links: Mutex<Vec<Arc<Link>>>,
 }
 
@@ -240,12 +264,13 @@ struct Link {
 
 impl Link {
     /// Starts the link's ssh process and waits for the agent's ready line.
-    async fn connect(&self, pool: &Pool, entry: &HostEntry) -> Result<Arc<Agent>, String> {
-        let _handshake = entry
-            .handshakes
-            .acquire()
-            .await
-            .expect("semaphore never closed");
+    async fn connect(
+        &self,
+        pool: &Pool,
+        entry: &HostEntry,
+        handshakes: &Semaphore,
+    ) -> Result<Arc<Agent>, String> {
+        let _handshake = handshakes.acquire().await.expect("semaphore never closed");
         let log_path = pool
             .private_dir
             .path()

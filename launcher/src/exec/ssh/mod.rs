@@ -11,8 +11,9 @@
 //! ControlMaster whose socket lives in a private temporary directory. Up to
 //! [`SshOptions::max_sessions_per_connection`] rank sessions share it, and
 //! more ranks open more links. At most [`SshOptions::max_startups_per_host`]
-//! ssh handshakes run at once per host, below sshd's `MaxStartups` default
-//! of 10.
+//! ssh handshakes run at once per server (host name and port after ssh
+//! config, so aliases of one server share the limit), below sshd's
+//! `MaxStartups` default of 10.
 //!
 //! Control never reads the rank's output. The supervisor's signals travel
 //! as commands to the link's agent, which signals the rank's process group.
@@ -83,7 +84,7 @@ pub struct SshOptions {
     /// ControlMaster). Never used when the user's ssh config sets a
     /// `ControlPath`. Default: on.
     pub multiplex: bool,
-    /// Maximum concurrent ssh handshakes per host. Default: 4.
+    /// Maximum concurrent ssh handshakes per server. Default: 4.
     pub max_startups_per_host: usize,
     /// Maximum rank sessions sharing one connection. sshd's `MaxSessions`
     /// defaults to 10, and the agent takes one. Default: 8.

@@ -54,7 +54,11 @@ pub struct InvalidHost {
 /// through a shell). `user@host`, IPv6 addresses and ssh config aliases pass.
 pub fn validate_host(host: &str) -> Result<(), InvalidHost> {
     validate_word("host", host)?;
-    if host.rsplit('@').next().is_some_and(|name| name.starts_with('-')) {
+    if host
+        .rsplit('@')
+        .next()
+        .is_some_and(|name| name.starts_with('-'))
+    {
         return Err(InvalidHost {
             field: "host",
             value: host.to_owned(),
