@@ -34,7 +34,7 @@ const SUBNET_PREFIX: &str = "10.213";
 /// Subnets tried before giving up when others overlap existing networks.
 const SUBNET_ATTEMPTS: u8 = 32;
 
-/// Longest wait for one node's sshd to report ready.
+/// Maximum wait for one node's sshd to report ready.
 const NODE_START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How to start a cluster.
@@ -79,8 +79,12 @@ pub struct Node {
 /// A running cluster. Dropping it removes its containers and network; call
 /// [`Cluster::remove`] to remove them asynchronously and see errors.
 ///
-/// Drop it inside a tokio runtime or outside any runtime, but not from a
-/// task that holds a current-thread runtime's only thread busy elsewhere.
+/// Dropping blocks the current thread until the engine has removed
+/// everything, inside or outside a tokio runtime.
+///
+/// NOTE: only multi-thread runtimes are tested. testcontainers removes
+/// containers from a worker thread when dropped in a current-thread runtime,
+/// and its pooled connections may belong to the blocked runtime.
 pub struct Cluster {
     pub id: String,
     pub network: String,
@@ -256,7 +260,7 @@ impl Cluster {
         self.files.write(&entries)
     }
 
-    /// The node at `index`, or an error naming the cluster size.
+    /// Returns the node at `index`, or an error naming the cluster size.
     pub fn node(&self, index: usize) -> Result<&Node> {
         self.nodes.get(index).ok_or(Error::NoSuchNode { index, count: self.nodes.len() })
     }
@@ -266,8 +270,8 @@ impl Cluster {
         self.nodes.get_mut(index).ok_or(Error::NoSuchNode { index, count })
     }
 
-    /// An `ssh -F <config> <alias>` command for node `index`, ready for
-    /// arguments. Host keys are checked strictly against the generated file.
+    /// Returns an `ssh -F <config> <alias>` command for node `index`, ready
+    /// for arguments. Host keys are checked strictly against the generated file.
     pub fn ssh_command(&self, index: usize) -> Result<std::process::Command> {
         let node = self.node(index)?;
         let mut command = std::process::Command::new("ssh");
@@ -474,7 +478,8 @@ async fn read_host_key(engine: &Engine, node: &Node) -> Result<String> {
     }
 }
 
-/// A short id that is unique enough among clusters on one machine.
+/// Returns 8 hex digits from the process id and the clock, so clusters
+/// started at the same time on one machine get different ids.
 fn new_cluster_id() -> String {
     use sha2::{Digest, Sha256};
     let nanos = std::time::SystemTime::now()

@@ -108,7 +108,7 @@ pub struct ImageRecipe {
 }
 
 impl ImageRecipe {
-    /// The recipe for `suite`.
+    /// Returns the recipe for `suite`.
     pub fn for_suite(suite: &str) -> ImageRecipe {
         ImageRecipe {
             suite: suite.to_string(),

@@ -36,7 +36,7 @@ pub fn python_mounts(python: &Path) -> Result<Vec<PathBuf>> {
     Ok(vec![install_prefix(bin)])
 }
 
-/// The `home` value of a `pyvenv.cfg`: the base interpreter's `bin` directory.
+/// Returns the `home` value of a `pyvenv.cfg`, the base interpreter's `bin` directory.
 fn pyvenv_home(text: &str) -> Option<PathBuf> {
     text.lines().find_map(|line| {
         let (key, value) = line.split_once('=')?;

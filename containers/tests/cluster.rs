@@ -154,7 +154,7 @@ async fn panicking_test_still_removes_its_cluster() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mounted_paths_appear_read_only_at_the_same_path() {
+async fn mounts_are_read_only_at_same_path() {
     require_docker!();
     let _guard = common::exclusive().await;
     let dir = tempfile::tempdir().unwrap();

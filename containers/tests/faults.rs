@@ -25,7 +25,7 @@ fn ssh_succeeds(cluster: &Cluster, index: usize) -> bool {
     output.status.success()
 }
 
-/// Whether node `from` opens a TCP connection to `to_ip`:22 within `PROBE_SECONDS`.
+/// Returns whether node `from` opens a TCP connection to `to_ip`:22 within `PROBE_SECONDS`.
 async fn tcp_reaches(cluster: &Cluster, from: usize, to_ip: &str) -> bool {
     let script = format!("timeout {PROBE_SECONDS} bash -c 'exec 3<>/dev/tcp/{to_ip}/22'");
     let output = cluster.exec(from, &["sh", "-c", &script]).await.unwrap();
@@ -38,7 +38,7 @@ fn container_state(name: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_stops_the_node_at_once_and_spares_the_others() {
+async fn kill_stops_node_and_spares_others() {
     require_docker!();
     let _guard = common::exclusive().await;
     let cluster = Cluster::start(3).await.expect("cluster starts");
@@ -100,7 +100,7 @@ async fn paused_node_is_silent_until_unpaused() {
     assert!(ssh_succeeds(&cluster, 0));
 
     // The kernel still accepts TCP connections for the frozen sshd, but
-    // nothing answers: reading the banner times out.
+    // sshd sends no banner, so the read times out.
     let script = format!("exec 3<>/dev/tcp/{paused_ip}/22 && timeout {PROBE_SECONDS} head -c 7 <&3");
     let banner = cluster.exec(0, &["bash", "-c", &script]).await.unwrap();
     assert_ne!(banner.stdout, "SSH-2.0", "a paused node sent its banner");
@@ -132,7 +132,7 @@ async fn disconnected_node_is_unreachable_until_reconnected() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stopping_sshd_refuses_new_sessions_and_keeps_open_ones() {
+async fn stopped_sshd_keeps_open_sessions() {
     require_docker!();
     let _guard = common::exclusive().await;
     let cluster = Cluster::start(1).await.expect("cluster starts");

@@ -18,7 +18,7 @@ use ringleader_containers::{mounts, Cluster, ClusterOptions};
 /// teardown, plus a margin for container scheduling on a loaded machine.
 const KEEPALIVE_BOUND: Duration = Duration::from_secs(15 + 5 + 10);
 
-/// Longest time a healthy job in these tests may run.
+/// Maximum time a healthy job in these tests may run.
 const JOB_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A cluster with the workspace binaries mounted, plus the launcher path.
@@ -125,8 +125,8 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// A long-running rank command with a `sleep` argument unique to the test,
-/// so `ps` finds exactly this job's processes.
+/// Returns a long-running rank command whose `sleep` argument is unique to
+/// the test, so `ps` finds exactly this job's processes.
 fn sleeper(seconds: u32) -> Vec<String> {
     vec!["sleep".into(), seconds.to_string()]
 }

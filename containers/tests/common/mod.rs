@@ -77,7 +77,7 @@ pub fn run_echoed(command: &mut Command) -> Output {
     output
 }
 
-/// The cargo target directory this test binary was built into.
+/// Returns the cargo target directory this test binary was built into.
 pub fn target_dir() -> PathBuf {
     // <target>/debug/deps/<test binary>
     let exe = std::env::current_exe().expect("the test binary has a path");
@@ -88,7 +88,7 @@ pub fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// The profile directory (`<target>/debug`) holding the workspace binaries.
+/// Returns the profile directory (`<target>/debug`) that contains the workspace binaries.
 pub fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary has a path");
     exe.parent().and_then(Path::parent).expect("test binaries live in <target>/<profile>/deps").to_path_buf()
@@ -118,7 +118,7 @@ pub fn workspace_binary(package: &str, binary: &str) -> PathBuf {
     path
 }
 
-/// The Python the MLX tests use: `RINGLEADER_TEST_PYTHON`, else
+/// Returns the Python the MLX tests use: `RINGLEADER_TEST_PYTHON`, else
 /// `<repo>/.cache/mlx-venv/bin/python`, else `/opt/mlx-venv/bin/python`.
 pub fn test_python() -> PathBuf {
     if let Some(python) = std::env::var_os("RINGLEADER_TEST_PYTHON") {
