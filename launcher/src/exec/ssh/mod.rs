@@ -35,6 +35,15 @@
 //!   nothing and the link is still up.
 //! - A rank's leftover processes in its group are stopped when the rank's
 //!   leader exits, as part of the rank's teardown.
+//! - Every rank session runs the remote user's login shell, with whatever
+//!   startup files it reads, before the rank starts. That cost is paid once
+//!   per rank, even over a shared connection.
+//! - The default of 8 rank sessions per connection assumes sshd's default
+//!   `MaxSessions 10`. Lower [`SshOptions::max_sessions_per_connection`] for
+//!   servers with a smaller limit. When the user's own ControlMaster carries
+//!   the sessions, its connection is subject to the same limit.
+//! - The remote host needs `/bin/sh`, `mktemp`, `dd`, `mv`, `rm`, `sleep`,
+//!   and `setsid` or `perl`.
 
 mod connection;
 mod quote;
