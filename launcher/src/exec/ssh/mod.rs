@@ -29,7 +29,7 @@
 //!
 //! - A POSIX shell reports a child killed by signal N as exit status 128+N,
 //!   so a remote rank that itself exits with 129..=192 is reported as
-//!   [`Termination::Signaled`].
+//!   [`Termination::Signaled`](crate::exec::Termination::Signaled).
 //! - ssh exits 255 both when it fails and when the remote command exits 255.
 //!   The spawner reads 255 as the rank's own status only when ssh logged
 //!   nothing and the link is still up.

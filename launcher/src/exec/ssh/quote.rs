@@ -5,7 +5,7 @@
 ///
 /// This is the launcher's one quoting function, [`crate::shell::quote`],
 /// under the name the ssh transport uses. A shell word cannot contain a NUL
-/// byte, so callers reject values that contain one (see [`check_shell_value`]).
+/// byte, so callers reject values that contain one.
 pub fn sh_quote(value: &str) -> String {
     crate::shell::quote(value)
 }

@@ -1,6 +1,6 @@
 //! The POSIX shell scripts that run on the remote host.
 //!
-//! ssh runs one fixed command, [`BOOTSTRAP`], through the user's login shell.
+//! ssh runs one fixed command, `BOOTSTRAP`, through the user's login shell.
 //! It reads a length line and then exactly that many bytes of script from
 //! stdin and evaluates them with `/bin/sh`. Sending the script on stdin
 //! rather than on ssh's command line means that:
