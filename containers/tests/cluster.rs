@@ -184,3 +184,33 @@ async fn mounted_mlx_virtualenv_runs_inside_a_node() {
     assert_eq!(output.exit_code, 0, "python failed in the node: {}", output.stderr);
     assert!(output.stdout.trim().ends_with(" 10"), "unexpected output {:?}", output.stdout);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_builds_from_scratch_within_five_minutes() {
+    require_docker!();
+    let _guard = common::exclusive().await;
+    let source = AptSource::detect().expect("apt source");
+    let recipe = ImageRecipe::for_suite(&source.suite);
+    let tag = format!("ringleader-sshd:build-test-{}", std::process::id());
+
+    let started = Instant::now();
+    image::build_image(&source, &recipe, &tag).await.expect("image builds");
+    let elapsed = started.elapsed();
+    eprintln!("image built in {elapsed:?}");
+
+    let inspect = common::run_echoed(std::process::Command::new("docker").args([
+        "image",
+        "inspect",
+        "-f",
+        "{{index .Config.Labels \"org.ringleader.managed\"}} {{json .Config.Cmd}}",
+        &tag,
+    ]));
+    let removed = common::run_echoed(std::process::Command::new("docker").args(["rmi", &tag]));
+    assert!(inspect.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&inspect.stdout).trim(),
+        "true [\"/usr/local/sbin/ringleader-node-start\"]"
+    );
+    assert!(removed.status.success());
+    assert!(elapsed < Duration::from_secs(300), "build took {elapsed:?}");
+}
