@@ -57,6 +57,9 @@ enum Command {
     Image,
 
     /// Remove containers and networks left behind by earlier clusters.
+    ///
+    /// Without --cluster this removes every cluster on the machine, also
+    /// those that another `up` or a running test still uses.
     Down {
         /// Remove only the cluster with this id (printed by `up`).
         #[arg(long, value_name = "ID")]
