@@ -47,7 +47,8 @@ pub struct Cli {
     pub backend: Option<Backend>,
 
     /// First port of the ring backend; each address of each rank takes the next one.
-    #[arg(short = 'p', long, default_value_t = 32323, value_name = "PORT", help_heading = "Backend")]
+    #[arg(short = 'p', long, default_value_t = 32323, value_name = "PORT",
+          env = "RINGLEADER_STARTING_PORT", help_heading = "Backend")]
     pub starting_port: u16,
 
     /// Ring backend connections per IP address and rank, used in parallel.

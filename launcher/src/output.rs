@@ -2,18 +2,19 @@
 //! stream in order, and lines of different ranks are never spliced together.
 //!
 //! Each rank stream has a pump task that reads chunks and sends them to the
-//! stream's writer task. The writer owns the sink (the launcher's stdout or
-//! stderr). A rank whose last write did not end a line owns the sink until it
-//! finishes the line, so its partial line shows at once (progress bars keep
-//! updating) while other ranks' chunks wait. When another rank has been
-//! waiting for [`LINE_HOLD`], or the owning rank's stream ends without a final
-//! newline, the writer ends the partial line with a `\n` of its own; those
+//! stream's writer task, cut after the last complete line when more bytes
+//! are on the way. The writer owns the sink (the launcher's stdout or
+//! stderr). A rank whose last chunk ended mid-line (not after `\n` or `\r`)
+//! owns the sink until it finishes the line, so its partial line shows at
+//! once while other ranks' chunks wait. When other ranks wait and the owner
+//! added nothing for [`LINE_HOLD`] (or held the sink for [`LINE_HOLD_MAX`]),
+//! or the owning rank's stream ends without a final newline, the writer ends the partial line with a `\n` of its own; those
 //! are the only bytes it adds (besides `--tag-output` prefixes).
 //!
-//! Memory stays bounded: a pump may have [`CHUNKS_IN_FLIGHT`] chunks of at
-//! most [`CHUNK_SIZE`] bytes on the way, and waits for the writer before it
-//! reads more, so a slow reader of the launcher's output slows the ranks down
-//! through their pipes instead of growing buffers.
+//! Memory stays bounded: a pump may have [`QUEUED_BYTES_PER_STREAM`] bytes
+//! on the way, plus one chunk of [`CHUNK_SIZE`] it is reading, and waits for
+//! the writer before it queues more, so a slow reader of the launcher's
+//! output slows the ranks down through their pipes instead of growing buffers.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -29,12 +30,22 @@ use crate::exec::{ByteReader, ByteWriter};
 /// Largest chunk a pump reads at once.
 pub const CHUNK_SIZE: usize = 64 * 1024;
 
-/// Chunks one rank stream may have queued for its writer.
-pub const CHUNKS_IN_FLIGHT: usize = 2;
+/// Bytes one rank stream may have queued for its writer. A rank whose
+/// chunks wait behind another rank's partial line keeps running until it
+/// has this much queued, which keeps two ranks that each hold one of the
+/// two streams from waiting on each other.
+pub const QUEUED_BYTES_PER_STREAM: usize = 4 * CHUNK_SIZE;
 
-/// How long other ranks wait for a rank to finish a partial line before the
-/// writer ends that line for it.
-pub const LINE_HOLD: Duration = Duration::from_millis(100);
+/// How long a pump waits for the rest of a partial line before sending what it has.
+pub const PARTIAL_LINE_DELAY: Duration = Duration::from_millis(10);
+
+/// How long other ranks wait for a rank that has written nothing more of its
+/// partial line before the writer ends that line for it.
+pub const LINE_HOLD: Duration = Duration::from_secs(1);
+
+/// How long other ranks wait for one partial line at most, even while its
+/// rank keeps adding to it (a row of progress dots, say).
+pub const LINE_HOLD_MAX: Duration = Duration::from_secs(3);
 
 /// A message from a pump to its writer.
 enum Message {
@@ -77,6 +88,8 @@ pub fn start_writer(
         labels,
         at_line_start: vec![true; ranks],
         owner: None,
+        owner_since: Instant::now(),
+        owner_active: Instant::now(),
         held: VecDeque::new(),
         scratch: Vec::new(),
     };
@@ -88,31 +101,54 @@ impl StreamWriter {
     /// Forwards everything `reader` yields as rank `rank`'s output, copying
     /// it to `copy` as well if given. Resolves once the stream ended and its
     /// last byte reached the sink.
+    ///
+    /// Complete lines go out as soon as they are read. A partial line at the
+    /// end of a read waits up to [`PARTIAL_LINE_DELAY`] for the rest, then
+    /// goes out on its own, so a prompt or progress bar shows at once while
+    /// a line written in several pieces is sent whole.
     pub async fn pump(&self, rank: usize, mut reader: ByteReader, mut copy: Option<ByteWriter>) {
-        let credits = Arc::new(Semaphore::new(CHUNKS_IN_FLIGHT));
+        let credits = Arc::new(Semaphore::new(QUEUED_BYTES_PER_STREAM));
+        let mut buffer = vec![0u8; CHUNK_SIZE];
+        // Bytes read but not yet sent: the start of a line.
+        let mut pending: Vec<u8> = Vec::new();
         loop {
-            let permit = credits.clone().acquire_owned().await.expect("the semaphore is never closed");
-            let mut bytes = vec![0u8; CHUNK_SIZE];
-            let n = match reader.read(&mut bytes).await {
-                Ok(n) => n,
-                Err(error) => {
+            let read = if pending.is_empty() {
+                Some(reader.read(&mut buffer).await)
+            } else {
+                // `read` is cancel-safe, so timing it out loses nothing.
+                tokio::time::timeout(PARTIAL_LINE_DELAY, reader.read(&mut buffer)).await.ok()
+            };
+            let n = match read {
+                None => {
+                    self.send(&credits, rank, std::mem::take(&mut pending)).await;
+                    continue;
+                }
+                Some(Ok(0)) => break,
+                Some(Ok(n)) => n,
+                Some(Err(error)) => {
                     tracing::warn!(rank, %error, "reading rank output failed");
-                    0
+                    break;
                 }
             };
-            if n == 0 {
-                break;
-            }
-            bytes.truncate(n);
             if let Some(file) = copy.as_mut() {
-                if let Err(error) = file.write_all(&bytes).await {
+                if let Err(error) = file.write_all(&buffer[..n]).await {
                     tracing::warn!(rank, %error, "writing the rank's output file failed; the file is incomplete");
                     copy = None;
                 }
             }
-            if self.tx.send(Message::Data { rank, bytes, _permit: permit }).is_err() {
-                return;
+            pending.extend_from_slice(&buffer[..n]);
+            match pending.iter().rposition(|&b| b == b'\n') {
+                Some(last) => {
+                    let tail = pending.split_off(last + 1);
+                    self.send(&credits, rank, std::mem::replace(&mut pending, tail)).await;
+                }
+                // A line longer than a chunk streams through in pieces.
+                None if pending.len() >= CHUNK_SIZE => self.send(&credits, rank, std::mem::take(&mut pending)).await,
+                None => {}
             }
+        }
+        if !pending.is_empty() {
+            self.send(&credits, rank, pending).await;
         }
         if let Some(mut file) = copy {
             let _ = file.flush().await;
@@ -121,6 +157,14 @@ impl StreamWriter {
         if self.tx.send(Message::End { rank, drained }).is_ok() {
             let _ = done.await;
         }
+    }
+
+    /// Queues `bytes` for the writer once the stream's byte budget allows.
+    async fn send(&self, credits: &Arc<Semaphore>, rank: usize, bytes: Vec<u8>) {
+        // Chunks never exceed two reads, so they always fit the budget.
+        let size = bytes.len().min(QUEUED_BYTES_PER_STREAM) as u32;
+        let permit = credits.clone().acquire_many_owned(size).await.expect("the semaphore is never closed");
+        let _ = self.tx.send(Message::Data { rank, bytes, _permit: permit });
     }
 }
 
@@ -131,6 +175,10 @@ struct Writer {
     at_line_start: Vec<bool>,
     /// The rank whose partial line is on the sink, if any.
     owner: Option<usize>,
+    /// When the current owner took the sink.
+    owner_since: Instant,
+    /// When the current owner last wrote.
+    owner_active: Instant,
     /// Messages of other ranks waiting for the owner to end its line.
     held: VecDeque<Message>,
     /// Reused buffer for labelled output.
@@ -140,10 +188,8 @@ struct Writer {
 impl Writer {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Message>) -> ByteWriter {
         let mut open = true;
-        // When the oldest held message started waiting.
-        let mut held_since: Option<Instant> = None;
         while open || !self.held.is_empty() {
-            let hold_deadline = held_since.map_or_else(Instant::now, |since| since + LINE_HOLD);
+            let hold_deadline = (self.owner_active + LINE_HOLD).min(self.owner_since + LINE_HOLD_MAX);
             tokio::select! {
                 message = rx.recv(), if open => match message {
                     Some(message) => self.accept(message).await,
@@ -151,19 +197,10 @@ impl Writer {
                 },
                 _ = tokio::time::sleep_until(hold_deadline), if !self.held.is_empty() => {
                     self.release_owner().await;
-                    held_since = None;
                 }
                 // With the channel closed only held messages remain.
-                _ = std::future::ready(()), if !open => {
-                    self.release_owner().await;
-                    held_since = None;
-                }
+                _ = std::future::ready(()), if !open => self.release_owner().await,
             }
-            held_since = match (self.held.is_empty(), held_since) {
-                (true, _) => None,
-                (false, None) => Some(Instant::now()),
-                (false, since) => since,
-            };
         }
         let _ = self.sink.flush().await;
         self.sink
@@ -183,6 +220,7 @@ impl Writer {
     /// Ends the owner's partial line and writes what waited for it.
     async fn release_owner(&mut self) {
         if let Some(owner) = self.owner.take() {
+            tracing::debug!(rank = owner, waiting = self.held.len(), "ending a partial line that others waited for");
             self.end_line(owner).await;
         }
         self.write_held().await;
@@ -207,11 +245,19 @@ impl Writer {
     async fn write(&mut self, message: Message) {
         match message {
             Message::Data { rank, bytes, _permit } => {
+                let now = Instant::now();
+                if self.owner != Some(rank) {
+                    self.owner_since = now;
+                }
+                self.owner_active = now;
                 self.write_bytes(rank, &bytes).await;
-                self.owner = (bytes.last() != Some(&b'\n')).then_some(rank);
+                // A carriage return also frees the sink: progress bars
+                // redraw with `\r`, and the next line simply follows it.
+                self.owner = (!matches!(bytes.last(), Some(b'\n' | b'\r'))).then_some(rank);
             }
             Message::End { rank, drained } => {
                 if self.owner == Some(rank) {
+                    tracing::debug!(rank, "ending the unterminated last line");
                     self.owner = None;
                     self.end_line(rank).await;
                 }

@@ -76,7 +76,7 @@ async fn stalled_partial_line_is_ended_after_hold() {
     let (mut a, pump_a) = harness.rank(0);
     let (mut b, pump_b) = harness.rank(1);
 
-    a.write_all(b"progress 10%\r").await.unwrap();
+    a.write_all(b"Continue? ").await.unwrap();
     a.flush().await.unwrap();
     // Rank 0 never finishes its line; rank 1's line must still get through.
     b.write_all(b"b-line\n").await.unwrap();
@@ -89,7 +89,7 @@ async fn stalled_partial_line_is_ended_after_hold() {
     let text = harness.finish().await;
     assert!(text.contains("b-line\n"), "{text:?}");
     for line in text.lines() {
-        assert!(!(line.contains("progress") && line.contains("b-line")), "spliced: {text:?}");
+        assert!(!(line.contains("Continue") && line.contains("b-line")), "spliced: {text:?}");
     }
 }
 
@@ -124,4 +124,21 @@ async fn long_line_arrives_whole() {
     assert_eq!(lines.len(), 101);
     assert_eq!(lines.iter().filter(|l| l.len() == 1 << 20).count(), 1);
     assert_eq!(lines.iter().filter(|l| **l == "short").count(), 100);
+}
+
+#[tokio::test]
+async fn carriage_return_frees_the_sink() {
+    let harness = Harness::new(None);
+    let (mut a, pump_a) = harness.rank(0);
+    let (mut b, pump_b) = harness.rank(1);
+    a.write_all(b"10%\r").await.unwrap();
+    a.flush().await.unwrap();
+    b.write_all(b"b-line\n").await.unwrap();
+    drop(b);
+    // Without the release this would wait for the hold period.
+    tokio::time::timeout(LINE_HOLD / 2, pump_b).await.expect("rank 1 waited for rank 0's progress bar").unwrap();
+    drop(a);
+    pump_a.await.unwrap();
+    let text = harness.finish().await;
+    assert!(text.contains("b-line\n"), "{text:?}");
 }

@@ -1,0 +1,157 @@
+//! Exit codes and teardown of local jobs, through the real `ringleader` binary.
+
+use std::io::Write;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use ringleader_tests::{drain_stderr, finish, lines_of, read_until, ringleader, run, start, survivors_after, unique_marker};
+
+fn sh(script: &str) -> Vec<String> {
+    vec!["sh".into(), "-c".into(), script.into()]
+}
+
+fn launch(args: &[&str], script: &str) -> ringleader_tests::Output {
+    let mut command = ringleader(args);
+    command.arg("--").args(sh(script));
+    run(&mut command, b"")
+}
+
+#[test]
+fn exit_code_of_failing_rank_is_returned() {
+    let output = launch(&["-n", "3"], r#"if [ "$MLX_RANK" = 1 ]; then exit 7; fi; exec sleep 60"#);
+    assert_eq!(output.code(), Some(7));
+    let stderr = output.stderr_text();
+    assert!(stderr.contains("rank 1 failed with exit code 7"), "{stderr}");
+    assert!(stderr.contains("stopped after rank 1 failed"), "{stderr}");
+}
+
+#[test]
+fn success_when_every_rank_exits_zero() {
+    let output = launch(&["-n", "4"], "exit 0");
+    assert_eq!(output.code(), Some(0));
+    assert!(output.stderr.is_empty(), "{}", output.stderr_text());
+}
+
+#[test]
+fn rank_killed_by_signal_gives_128_plus_signal() {
+    for (signal, code) in [("KILL", 137), ("SEGV", 139), ("INT", 130), ("TERM", 143)] {
+        let script = format!(r#"if [ "$MLX_RANK" = 0 ]; then kill -{signal} $$; fi; exec sleep 60"#);
+        let output = launch(&["-n", "2"], &script);
+        assert_eq!(output.code(), Some(code), "rank killed by SIG{signal}");
+    }
+}
+
+#[test]
+fn all_ranks_failing_at_once_never_exit_zero() {
+    for attempt in 0..100 {
+        let output = launch(&["-n", "4"], "exit 3");
+        assert_eq!(output.code(), Some(3), "attempt {attempt}");
+    }
+}
+
+#[test]
+fn rank_exit_code_wins_over_the_sigterm_of_survivors() {
+    let output = launch(&["-n", "2"], r#"if [ "$MLX_RANK" = 0 ]; then exit 5; fi; trap 'exit 9' TERM; sleep 60 & wait"#);
+    assert_eq!(output.code(), Some(5));
+}
+
+#[test]
+fn timeout_stops_the_job_with_124() {
+    let marker = unique_marker("timeout");
+    let env = format!("TEST_MARKER={marker}");
+    let output = launch(&["-n", "2", "--timeout", "0.5", "--env", &env], "exec sleep 60");
+    assert_eq!(output.code(), Some(124));
+    assert!(output.elapsed < Duration::from_secs(20), "{:?}", output.elapsed);
+    assert!(output.stderr_text().contains("--timeout"), "{}", output.stderr_text());
+    assert_eq!(survivors_after(&marker, Duration::from_secs(5)), Vec::<u32>::new());
+}
+
+/// Starts ranks that each run `rank_script_prefix`, start a grandchild
+/// tagged with `marker` and print "ready"; rank 1 exits 3 once it reads a
+/// line from stdin.
+fn start_job_with_grandchildren(extra: &[&str], marker: &str, rank_script_prefix: &str) -> std::process::Child {
+    let script = format!(
+        r#"{rank_script_prefix}
+sleep 300 &
+if [ "$MLX_RANK" = 1 ]; then echo ready; read line; exit 3; fi
+echo ready
+wait"#
+    );
+    let mut command = ringleader(["-n", "3", "--env", &format!("TEST_MARKER={marker}")]);
+    command.args(extra).arg("--").args(sh(&script));
+    start(&mut command)
+}
+
+#[test]
+fn survivors_and_grandchildren_are_killed_after_failure() {
+    let marker = unique_marker("grandchild");
+    let mut child = start_job_with_grandchildren(&[], &marker, "");
+    let mut lines = lines_of(child.stdout.take().unwrap());
+    read_until(&mut lines, "ready", 3);
+    assert!(ringleader_tests::processes_with(&marker).len() >= 6, "every rank and its grandchild carry the marker");
+
+    child.stdin.take().unwrap().write_all(b"fail now\n").unwrap();
+    let output = finish(child);
+    assert_eq!(output.code(), Some(3));
+    assert_eq!(survivors_after(&marker, Duration::from_secs(5)), Vec::<u32>::new());
+}
+
+#[test]
+fn rank_ignoring_sigterm_is_killed_after_grace() {
+    let marker = unique_marker("stubborn");
+    let mut child = start_job_with_grandchildren(&["--grace", "1"], &marker, "trap '' TERM");
+    let mut lines = lines_of(child.stdout.take().unwrap());
+    read_until(&mut lines, "ready", 3);
+
+    child.stdin.take().unwrap().write_all(b"fail now\n").unwrap();
+    let output = finish(child);
+    assert_eq!(output.code(), Some(3));
+    assert!(output.elapsed >= Duration::from_millis(900), "SIGKILL came before the grace period ended: {:?}", output.elapsed);
+    assert!(output.stderr_text().contains("sent SIGKILL"), "{}", output.stderr_text());
+    assert_eq!(survivors_after(&marker, Duration::from_secs(5)), Vec::<u32>::new());
+}
+
+#[test]
+fn launcher_signals_leave_no_process_behind() {
+    for (signal, code) in [(Signal::SIGINT, 130), (Signal::SIGTERM, 143), (Signal::SIGHUP, 129)] {
+        let marker = unique_marker("signalled");
+        let mut command = ringleader(["-n", "3", "--stdin", "none", "--env", &format!("TEST_MARKER={marker}"), "--"]);
+        command.args(sh("sleep 300 & echo ready; wait"));
+        let mut child = start(&mut command);
+        let mut lines = lines_of(child.stdout.take().unwrap());
+        read_until(&mut lines, "ready", 3);
+
+        kill(Pid::from_raw(child.id() as i32), signal).unwrap();
+        let stderr = drain_stderr(child.stderr.take().unwrap());
+        let status = ringleader_tests::wait_with_limit(&mut child, ringleader_tests::HANG_LIMIT);
+        let stderr = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
+        println!("{signal}: {status:?}\n{stderr}");
+        assert_eq!(status.code(), Some(code), "launcher got {signal}");
+        assert!(stderr.contains(&format!("interrupted by {}", signal.as_str())), "{stderr}");
+        assert_eq!(survivors_after(&marker, Duration::from_secs(5)), Vec::<u32>::new(), "after {signal}");
+    }
+}
+
+#[test]
+fn second_signal_kills_at_once() {
+    let marker = unique_marker("second");
+    let env = format!("TEST_MARKER={marker}");
+    let mut command = ringleader(["-n", "2", "--grace", "100", "--stdin", "none", "--verbose", "--env", &env, "--"]);
+    command.args(sh("trap '' INT TERM; sleep 300 & echo ready; wait"));
+    let mut child = start(&mut command);
+    let mut lines = lines_of(child.stdout.take().unwrap());
+    let mut log = lines_of(child.stderr.take().unwrap());
+    read_until(&mut lines, "ready", 2);
+
+    // Two signals sent back to back may merge into one delivery, so the
+    // second goes out only after the launcher logged the first.
+    let pid = Pid::from_raw(child.id() as i32);
+    kill(pid, Signal::SIGINT).unwrap();
+    read_until(&mut log, "launcher received a signal", 1);
+    kill(pid, Signal::SIGINT).unwrap();
+    let output = finish(child);
+    assert_eq!(output.code(), Some(130));
+    assert!(output.elapsed < Duration::from_secs(30), "the second SIGINT did not kill at once");
+    assert_eq!(survivors_after(&marker, Duration::from_secs(5)), Vec::<u32>::new());
+}

@@ -1,0 +1,120 @@
+//! Output forwarding and stdin of local jobs, through the real `ringleader` binary.
+
+use std::collections::BTreeMap;
+
+use ringleader_tests::{ringleader, run};
+
+/// Checks that `text` holds, for every rank, lines "<tag> <rank> <i> <padding>"
+/// for i in 0..lines, whole and in order per rank.
+fn check_lines(text: &str, tag: &str, ranks: usize, lines: usize) {
+    let mut next: BTreeMap<usize, usize> = BTreeMap::new();
+    for (number, line) in text.lines().enumerate() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        assert!(
+            fields.len() == 4 && fields[0] == tag && fields[3] == "abcdefghijklmnopqrstuvwxyz",
+            "line {number} is spliced or damaged: {line:?}"
+        );
+        let rank: usize = fields[1].parse().unwrap();
+        let index: usize = fields[2].parse().unwrap();
+        let expected = next.entry(rank).or_insert(0);
+        assert_eq!(index, *expected, "rank {rank} line out of order or lost");
+        *expected += 1;
+    }
+    for rank in 0..ranks {
+        assert_eq!(next.get(&rank).copied().unwrap_or(0), lines, "lines of rank {rank}");
+    }
+}
+
+#[test]
+fn many_lines_from_many_ranks_arrive_whole_and_in_order() {
+    let lines = 100_000;
+    let script = format!(
+        r#"BEGIN {{ r = ENVIRON["MLX_RANK"]; for (i = 0; i < {lines}; i++) {{
+            print "out", r, i, "abcdefghijklmnopqrstuvwxyz";
+            print "err", r, i, "abcdefghijklmnopqrstuvwxyz" > "/dev/stderr" }} }}"#
+    );
+    let output = run(&mut ringleader(["-n", "8", "--", "awk", &script]), b"");
+    assert_eq!(output.code(), Some(0));
+    check_lines(&output.stdout_text(), "out", 8, lines);
+    check_lines(&output.stderr_text(), "err", 8, lines);
+}
+
+#[test]
+fn megabyte_line_and_unterminated_last_lines_stay_whole() {
+    let script = r#"if [ "$MLX_RANK" = 0 ]; then head -c 1048576 /dev/zero | tr '\0' x; else printf 'short line\nno newline at end'; fi"#;
+    let output = run(&mut ringleader(["-n", "4", "--", "sh", "-c", script]), b"");
+    assert_eq!(output.code(), Some(0));
+    let text = output.stdout_text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1 + 3 * 2, "{:?}", lines.iter().map(|l| l.len()).collect::<Vec<_>>());
+    assert_eq!(lines.iter().filter(|l| l.len() == 1 << 20 && l.bytes().all(|b| b == b'x')).count(), 1);
+    assert_eq!(lines.iter().filter(|l| **l == "short line").count(), 3);
+    assert_eq!(lines.iter().filter(|l| **l == "no newline at end").count(), 3);
+}
+
+#[test]
+fn stdout_and_stderr_stay_separate() {
+    let output = run(&mut ringleader(["-n", "2", "--", "sh", "-c", "echo to-out; echo to-err >&2"]), b"");
+    assert_eq!(output.stdout_text(), "to-out\nto-out\n");
+    assert_eq!(output.stderr_text(), "to-err\nto-err\n");
+}
+
+#[test]
+fn binary_output_is_forwarded_byte_exact() {
+    let output = run(&mut ringleader(["--", "sh", "-c", r"printf 'a\r\nb\0c\377\n'"]), b"");
+    assert_eq!(output.stdout, b"a\r\nb\0c\xff\n");
+}
+
+#[test]
+fn stdin_reaches_every_rank_and_eof_ends_it() {
+    let output = run(&mut ringleader(["-n", "3", "--", "cat"]), b"hello\nworld\n");
+    assert_eq!(output.code(), Some(0));
+    assert_eq!(output.stdout_text().matches("hello\nworld\n").count(), 3, "{}", output.stdout_text());
+}
+
+#[test]
+fn stdin_zero_feeds_only_rank_zero() {
+    let script = r#"n=$(wc -c); echo "rank $MLX_RANK read $n bytes""#;
+    let output = run(&mut ringleader(["-n", "3", "--stdin", "0", "--", "sh", "-c", script]), b"12345");
+    assert_eq!(output.code(), Some(0));
+    let text = output.stdout_text();
+    assert!(text.contains("rank 0 read 5 bytes"), "{text}");
+    assert!(text.contains("rank 1 read 0 bytes"), "{text}");
+    assert!(text.contains("rank 2 read 0 bytes"), "{text}");
+}
+
+#[test]
+fn tag_output_prefixes_rank_and_host() {
+    let output = run(&mut ringleader(["-n", "2", "--tag-output", "--", "sh", "-c", "echo hi; echo oops >&2"]), b"");
+    let text = output.stdout_text();
+    assert!(text.contains("[0 127.0.0.1] hi\n"), "{text}");
+    assert!(text.contains("[1 127.0.0.1] hi\n"), "{text}");
+    assert!(output.stderr_text().contains("[1 127.0.0.1] oops\n"), "{}", output.stderr_text());
+}
+
+#[test]
+fn output_dir_keeps_each_rank_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("logs");
+    let script = r#"echo "out of $MLX_RANK"; printf 'err of %s' "$MLX_RANK" >&2"#;
+    let output = run(
+        &mut ringleader(["-n", "2", "--output-dir", out.to_str().unwrap(), "--", "sh", "-c", script]),
+        b"",
+    );
+    assert_eq!(output.code(), Some(0));
+    for rank in 0..2 {
+        let stdout = std::fs::read_to_string(out.join(format!("rank-{rank}.stdout"))).unwrap();
+        let stderr = std::fs::read_to_string(out.join(format!("rank-{rank}.stderr"))).unwrap();
+        assert_eq!(stdout, format!("out of {rank}\n"));
+        assert_eq!(stderr, format!("err of {rank}"), "files keep the bytes exactly, without an added newline");
+    }
+}
+
+#[test]
+fn output_written_just_before_failure_is_not_lost() {
+    let script = r#"if [ "$MLX_RANK" = 1 ]; then seq 1 20000; exit 4; fi; exec sleep 60"#;
+    let output = run(&mut ringleader(["-n", "2", "--", "sh", "-c", script]), b"");
+    assert_eq!(output.code(), Some(4));
+    let expected: String = (1..=20000).map(|i| format!("{i}\n")).collect();
+    assert_eq!(output.stdout_text(), expected);
+}
