@@ -160,10 +160,11 @@ impl Drop for Sshd {
     }
 }
 
-/// Lists all processes, from `ps`.
+/// Lists all live processes, from `ps`. Zombies count as dead: where PID 1
+/// does not reap orphans, they linger after the processes ended.
 pub fn processes() -> Vec<Process> {
     let output = Command::new("ps")
-        .args(["-eo", "pid=,ppid=,pgid=,args="])
+        .args(["-eo", "pid=,ppid=,pgid=,stat=,args="])
         .output()
         .expect("run ps");
     String::from_utf8_lossy(&output.stdout)
@@ -173,6 +174,9 @@ pub fn processes() -> Vec<Process> {
             let pid = fields.next()?.parse().ok()?;
             let ppid = fields.next()?.parse().ok()?;
             let pgid = fields.next()?.parse().ok()?;
+            if fields.next()?.starts_with('Z') {
+                return None;
+            }
             let args = fields.collect::<Vec<_>>().join(" ");
             Some(Process {
                 pid,

@@ -32,7 +32,8 @@
 //!   [`Termination::Signaled`](crate::exec::Termination::Signaled).
 //! - ssh exits 255 both when it fails and when the remote command exits 255.
 //!   The spawner reads 255 as the rank's own status only when ssh logged
-//!   nothing and the link is still up.
+//!   nothing and the link's agent, still reachable, confirms that the rank
+//!   has ended.
 //! - A rank's leftover processes in its group are stopped when the rank's
 //!   leader exits, as part of the rank's teardown.
 //! - Every rank session runs the remote user's login shell, with whatever

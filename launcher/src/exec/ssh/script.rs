@@ -70,10 +70,23 @@ fn sleep_arg(duration: Duration) -> String {
 /// then sends SIGKILL to the groups still alive. `sleep 0.1` falls back to
 /// `sleep 1` on a `sleep` without fractions, which makes the poll coarser but
 /// keeps the bound.
+///
+/// `rl_alive PGID` counts a group whose members are all zombies as gone:
+/// where PID 1 does not reap orphans (containers without an init), `kill -0`
+/// keeps finding such a group. Without a working `ps` it trusts `kill -0`.
 fn stop_functions(grace: Duration) -> String {
     let grace_tenths = grace.as_millis().div_ceil(100);
     format!(
-        r#"rl_alive() {{ kill -s 0 -- "-$1" 2>/dev/null; }}
+        r#"rl_alive() {{
+  kill -s 0 -- "-$1" 2>/dev/null || return 1
+  rl_ps=$(ps -A -o pgid= -o stat= 2>/dev/null) && [ -n "$rl_ps" ] || return 0
+  printf '%s\n' "$rl_ps" | {{
+    while read -r rl_pg rl_st; do
+      if [ "$rl_pg" = "$1" ]; then case $rl_st in Z*) ;; *) exit 0 ;; esac; fi
+    done
+    exit 1
+  }}
+}}
 rl_nap() {{ sleep 0.1 2>/dev/null || sleep 1; }}
 rl_any_alive() {{
   for rl_g in "$@"; do rl_alive "$rl_g" && return 0; done

@@ -286,16 +286,21 @@ impl Ending {
 
         let log = read_log(&self.log_path);
         let _ = std::fs::remove_file(&self.log_path);
-        let ssh_failed = match status.code() {
-            Some(255) => !log.trim().is_empty() || !self.agent.is_alive(),
-            Some(_) => false,
-            None => true,
-        };
-        if !ssh_failed {
-            let code = status
-                .code()
-                .expect("exit code present when ssh did not fail");
+        if let Some(code) = status.code().filter(|&code| code != 255) {
             return Ok(termination_from_remote_status(code));
+        }
+
+        // Exit status 255 is either the rank's own or ssh's failure, and a
+        // mux client whose master died exits 255 without logging. The agent
+        // settles it: it confirms at once a rank that already ended, and
+        // cannot reply over a connection that is gone.
+        let confirmed_dead = self
+            .agent
+            .stop_and_confirm(self.rank, self.pool.options.grace + CONFIRM_MARGIN)
+            .await;
+        let quiet_exit = status.code() == Some(255) && log.trim().is_empty();
+        if quiet_exit && confirmed_dead && self.agent.is_alive() {
+            return Ok(Termination::Exited(255));
         }
 
         let mut detail = describe_status(status);
@@ -303,10 +308,6 @@ impl Ending {
             detail.push_str(": ");
             detail.push_str(&clip(&log));
         }
-        let confirmed_dead = self
-            .agent
-            .stop_and_confirm(self.rank, self.pool.options.grace + CONFIRM_MARGIN)
-            .await;
         if !confirmed_dead {
             lock(&self.pool.unconfirmed).push(UnconfirmedRank {
                 rank: self.rank,
