@@ -82,7 +82,7 @@ pub struct Cli {
     #[arg(long, help_heading = "Ranks")]
     pub print_python: bool,
 
-    /// Which ranks receive the launcher's stdin.
+    /// Ranks that receive the launcher's stdin.
     #[arg(long, value_enum, default_value_t = StdinMode::All, value_name = "WHO", help_heading = "Ranks")]
     pub stdin: StdinMode,
 
@@ -148,7 +148,7 @@ impl Backend {
     }
 }
 
-/// Which ranks get the launcher's stdin.
+/// The ranks that get the launcher's stdin.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum StdinMode {
     /// Every rank reads a copy of the launcher's stdin.

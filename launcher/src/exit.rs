@@ -46,7 +46,7 @@ impl LauncherSignal {
     }
 }
 
-/// How a job ended, as far as the exit code is concerned.
+/// The facts about a finished job that decide its exit code.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
     /// The first signal the launcher received, if any.
@@ -73,7 +73,7 @@ pub fn exit_code(outcome: &Outcome) -> i32 {
     }
 }
 
-/// The code a shell would report for a process that ended this way. Never 0
+/// Returns the code a shell would report for a process that ended this way. Never 0
 /// for a failure: a rank that "exited" with a code that wraps to 0 reports 1.
 pub fn termination_code(termination: Termination) -> i32 {
     match termination {

@@ -206,7 +206,7 @@ impl Writer {
         self.sink
     }
 
-    /// Writes `message` now, or holds it while another rank owns the sink.
+    /// Writes `message` now, or queues it while another rank owns the sink.
     async fn accept(&mut self, message: Message) {
         match self.owner {
             Some(owner) if owner != message.rank() => self.held.push_back(message),

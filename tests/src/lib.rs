@@ -37,7 +37,7 @@ pub fn bin(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// A `ringleader` command with `args`.
+/// Builds a `ringleader` command with `args`.
 pub fn ringleader<I, S>(args: I) -> Command
 where
     I: IntoIterator<Item = S>,
@@ -48,7 +48,7 @@ where
     command
 }
 
-/// A first ring port for one launch, so that concurrent tests do not find
+/// Picks a first ring port for one launch, so that concurrent tests do not find
 /// each other's ports busy. Each launch gets a block of 64 ports below 32768,
 /// outside Linux's default ephemeral range.
 pub fn test_port_base() -> u16 {
@@ -201,7 +201,7 @@ pub fn drain_stderr(stderr: ChildStderr) -> thread::JoinHandle<Vec<u8>> {
     collect(stderr)
 }
 
-/// A string unique to this test run, to tag processes a test starts.
+/// Returns a string unique to this test run, to tag processes a test starts.
 pub fn unique_marker(prefix: &str) -> String {
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
