@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ringleader_containers::Cluster;
+use ringleader_containers::ClusterOptions;
 
 const CLI: &str = env!("CARGO_BIN_EXE_ringleader-cluster");
 
@@ -93,7 +93,7 @@ async fn up_prints_the_command_and_cleans_up_on_ctrl_c() {
 async fn down_removes_a_leaked_cluster() {
     require_docker!();
     let _guard = common::exclusive().await;
-    let cluster = Cluster::start(2).await.expect("cluster starts");
+    let cluster = common::start_cluster(ClusterOptions::new(2)).await;
     let id = cluster.id.clone();
     let files_dir = cluster.files_dir().to_path_buf();
     // Leak the cluster as a killed test process would.

@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 
 use ringleader_containers::apt_source::AptSource;
 use ringleader_containers::image::{self, ImageRecipe};
-use ringleader_containers::{Cluster, Engine};
+use ringleader_containers::{ClusterOptions, Engine};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_is_built_once_and_then_reused() {
     require_docker!();
     let _guard = common::exclusive().await;
-    let engine = Engine::connect().await.expect("Docker engine reachable");
+    let engine = Engine::connect().await.unwrap_or_else(|error| panic!("{}", common::error_chain(&error)));
 
     let first = image::ensure_image(&engine).await.expect("image builds");
     let started = Instant::now();
@@ -31,7 +31,7 @@ async fn four_nodes_accept_ssh_with_strict_host_keys() {
     require_docker!();
     let _guard = common::exclusive().await;
     let started = Instant::now();
-    let cluster = Cluster::start(4).await.expect("cluster starts");
+    let cluster = common::start_cluster(ClusterOptions::new(4)).await;
     eprintln!("4-node cluster up in {:?}", started.elapsed());
 
     assert_eq!(cluster.nodes.len(), 4);
@@ -49,7 +49,7 @@ async fn four_nodes_accept_ssh_with_strict_host_keys() {
 async fn wrong_host_key_is_rejected() {
     require_docker!();
     let _guard = common::exclusive().await;
-    let cluster = Cluster::start(2).await.expect("cluster starts");
+    let cluster = common::start_cluster(ClusterOptions::new(2)).await;
 
     // Swap the two pinned host keys: each alias now expects the other node's key.
     let known_hosts = std::fs::read_to_string(&cluster.files.known_hosts).unwrap();
@@ -66,7 +66,7 @@ async fn wrong_host_key_is_rejected() {
 async fn hostfile_lists_network_addresses_that_nodes_reach() {
     require_docker!();
     let _guard = common::exclusive().await;
-    let cluster = Cluster::start(4).await.expect("cluster starts");
+    let cluster = common::start_cluster(ClusterOptions::new(4)).await;
 
     let hostfile: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cluster.files.hostfile).unwrap()).unwrap();
@@ -97,7 +97,7 @@ async fn hostfile_lists_network_addresses_that_nodes_reach() {
 async fn ssh_port_is_published_on_loopback_only() {
     require_docker!();
     let _guard = common::exclusive().await;
-    let cluster = Cluster::start(1).await.expect("cluster starts");
+    let cluster = common::start_cluster(ClusterOptions::new(1)).await;
     let container = &cluster.nodes[0].container_name;
 
     let output = common::run_echoed(std::process::Command::new("docker").args(["port", container, "22/tcp"]));
@@ -113,7 +113,7 @@ async fn ssh_port_is_published_on_loopback_only() {
 async fn drop_removes_containers_network_and_files() {
     require_docker!();
     let _guard = common::exclusive().await;
-    let cluster = Cluster::start(2).await.expect("cluster starts");
+    let cluster = common::start_cluster(ClusterOptions::new(2)).await;
     let id = cluster.id.clone();
     let network = cluster.network.clone();
     let files_dir = cluster.files_dir().to_path_buf();
@@ -140,7 +140,7 @@ async fn panicking_test_still_removes_its_cluster() {
 
     let recorded = id.clone();
     let task = tokio::spawn(async move {
-        let cluster = Cluster::start(1).await.expect("cluster starts");
+        let cluster = common::start_cluster(ClusterOptions::new(1)).await;
         *recorded.lock().unwrap() = cluster.id.clone();
         panic!("simulated test failure with cluster {}", cluster.id);
     });
@@ -159,8 +159,8 @@ async fn mounts_are_read_only_at_same_path() {
     let _guard = common::exclusive().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("marker"), "mounted\n").unwrap();
-    let options = ringleader_containers::ClusterOptions::new(1).mount(dir.path());
-    let cluster = Cluster::start_with(options).await.expect("cluster starts");
+    let options = ClusterOptions::new(1).mount(dir.path());
+    let cluster = common::start_cluster(options).await;
 
     let marker = dir.path().join("marker");
     let read = cluster.exec(0, &["cat", marker.to_str().unwrap()]).await.unwrap();
@@ -175,9 +175,9 @@ async fn mounted_mlx_virtualenv_runs_inside_a_node() {
     let _guard = common::exclusive().await;
     let python = common::test_python();
     let mounts = ringleader_containers::mounts::python_mounts(&python).expect("test python found");
-    let mut options = ringleader_containers::ClusterOptions::new(1);
+    let mut options = ClusterOptions::new(1);
     options.mounts = mounts;
-    let cluster = Cluster::start_with(options).await.expect("cluster starts");
+    let cluster = common::start_cluster(options).await;
 
     let code = "import mlx.core as mx; print(mx.__version__, mx.sum(mx.arange(5)).item())";
     let output = cluster.exec(0, &[python.to_str().unwrap(), "-c", code]).await.unwrap();

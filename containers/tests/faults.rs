@@ -6,7 +6,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ringleader_containers::Cluster;
+use ringleader_containers::{Cluster, ClusterOptions};
 
 /// Time a probe may take to notice a dead, frozen or missing node.
 const PROBE_SECONDS: u64 = 3;
@@ -41,7 +41,7 @@ fn container_state(name: &str) -> String {
 async fn kill_stops_node_and_spares_others() {
     require_docker!();
     let _guard = common::exclusive().await;
-    let cluster = Cluster::start(3).await.expect("cluster starts");
+    let cluster = common::start_cluster(ClusterOptions::new(3)).await;
 
     // A session that would run for minutes dies with its node.
     let mut session = cluster.ssh_command(1).unwrap().args(["sleep", "300"]).stdout(Stdio::null()).spawn().unwrap();
@@ -71,7 +71,7 @@ async fn kill_stops_node_and_spares_others() {
 async fn stopped_node_restarts_with_its_host_key() {
     require_docker!();
     let _guard = common::exclusive().await;
-    let mut cluster = Cluster::start(2).await.expect("cluster starts");
+    let mut cluster = common::start_cluster(ClusterOptions::new(2)).await;
     let known_hosts_before = std::fs::read_to_string(&cluster.files.known_hosts).unwrap();
 
     cluster.stop(1, 1).await.unwrap();
@@ -91,7 +91,7 @@ async fn stopped_node_restarts_with_its_host_key() {
 async fn paused_node_is_silent_until_unpaused() {
     require_docker!();
     let _guard = common::exclusive().await;
-    let cluster = Cluster::start(2).await.expect("cluster starts");
+    let cluster = common::start_cluster(ClusterOptions::new(2)).await;
     let paused_ip = cluster.nodes[1].ip.to_string();
 
     cluster.pause(1).await.unwrap();
@@ -113,7 +113,7 @@ async fn paused_node_is_silent_until_unpaused() {
 async fn disconnected_node_is_unreachable_until_reconnected() {
     require_docker!();
     let _guard = common::exclusive().await;
-    let mut cluster = Cluster::start(3).await.expect("cluster starts");
+    let mut cluster = common::start_cluster(ClusterOptions::new(3)).await;
     let ip = cluster.nodes[1].ip;
     assert!(tcp_reaches(&cluster, 0, &ip.to_string()).await);
 
@@ -135,7 +135,7 @@ async fn disconnected_node_is_unreachable_until_reconnected() {
 async fn stopped_sshd_keeps_open_sessions() {
     require_docker!();
     let _guard = common::exclusive().await;
-    let cluster = Cluster::start(1).await.expect("cluster starts");
+    let cluster = common::start_cluster(ClusterOptions::new(1)).await;
 
     let session = cluster
         .ssh_command(0)

@@ -37,7 +37,7 @@ impl Rehearsal {
         if python {
             options.mounts.extend(mounts::python_mounts(&common::test_python()).expect("test python found"));
         }
-        let cluster = Cluster::start_with(options).await.expect("cluster starts");
+        let cluster = common::start_cluster(options).await;
         Rehearsal { cluster, ringleader, scratch }
     }
 

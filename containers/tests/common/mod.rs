@@ -13,6 +13,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use ringleader_containers::{Cluster, ClusterOptions};
 use tokio::sync::{Mutex, MutexGuard};
 
 /// Environment variable that turns Docker tests into no-ops.
@@ -22,18 +23,40 @@ pub const SKIP_DOCKER_ENV: &str = "RINGLEADER_SKIP_DOCKER";
 #[macro_export]
 macro_rules! require_docker {
     () => {
-        if common::docker_tests_skipped(module_path!()) {
+        if common::docker_tests_skipped() {
             return;
         }
     };
 }
 
-pub fn docker_tests_skipped(test: &str) -> bool {
+/// Returns whether `RINGLEADER_SKIP_DOCKER=1` is set, and says so for the
+/// current test (the test harness names each test's thread after the test).
+pub fn docker_tests_skipped() -> bool {
     let skipped = std::env::var(SKIP_DOCKER_ENV).is_ok_and(|value| value == "1");
     if skipped {
+        let test = std::thread::current().name().unwrap_or("test").to_string();
         eprintln!("{test}: skipped because {SKIP_DOCKER_ENV}=1");
     }
     skipped
+}
+
+/// Start a cluster, or panic with the error, its causes and its hint.
+pub async fn start_cluster(options: ClusterOptions) -> Cluster {
+    match Cluster::start_with(options).await {
+        Ok(cluster) => cluster,
+        Err(error) => panic!("cluster failed to start: {}", error_chain(&error)),
+    }
+}
+
+/// Format `error` with its chain of causes, one per line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!("\n  caused by: {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 /// Hold this while a test owns a cluster. Clusters of one test binary then
