@@ -92,3 +92,29 @@ single, launch = (r["mean"] for r in results)
 print(f"{sys.argv[2]}: ratio (8 ranks / single ssh): {launch / single:.2f} (target <= 1.5)")
 PY
 done
+
+# Teardown: SIGKILL ssh-launch while 3 ranks sleep, then time until no
+# process of their groups is left on the "remote" side (zombies count as gone).
+group_alive() {
+  ps -A -o pgid= -o stat= | awk -v group="$1" '$1 == group && $2 !~ /^Z/ { found = 1 } END { exit !found }'
+}
+for trial in 1 2 3 4 5; do
+  "$launch" --config "$work/ssh_config" clean-home 3 sh -c 'sleep 300 & sleep 300 & wait' > "$work/launch.out" &
+  launcher_pid=$!
+  for _ in $(seq 200); do
+    [ "$(grep -c started "$work/launch.out")" -ge 3 ] && break
+    sleep 0.05
+  done
+  groups=$(awk '/^started/ { print $3 }' "$work/launch.out")
+  sleep 0.5
+  start=$(date +%s%N)
+  kill -KILL "$launcher_pid"
+  wait "$launcher_pid" 2>/dev/null || true
+  for _ in $(seq 2000); do
+    left=''
+    for group in $groups; do group_alive "$group" && left=1; done
+    [ -z "$left" ] && break
+    sleep 0.01
+  done
+  echo "teardown trial $trial: remote groups gone $(( ($(date +%s%N) - start) / 1000000 )) ms after SIGKILL of the launcher${left:+ (NOT GONE)}"
+done
