@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::cli::{Backend, Cli};
 use crate::exec::local::LocalSpawner;
+use crate::exec::ssh::{SshOptions, SshSpawner};
 use crate::exec::{BoxFuture, RankSpec, SpawnError, Spawned, Spawner};
 use crate::exit;
 use crate::hostfile::{is_local_name, Hostfile, HostfileError};
@@ -26,8 +27,6 @@ pub enum LaunchError {
     UnknownBackend { name: String },
     #[error("the command is empty\nhint: put the program to run after the options, for example: ringleader -n 2 -- python3 train.py")]
     EmptyCommand,
-    #[error("host {host:?} (rank {rank}) is remote, and this build of ringleader runs ranks only on this machine (127.0.0.1, localhost or ::1)")]
-    RemoteUnsupported { host: String, rank: usize },
     #[error("the mpi backend is not supported yet\nhint: run mpirun directly, or use --backend ring")]
     MpiUnsupported,
 }
@@ -86,9 +85,42 @@ async fn launch(cli: &Cli, plan: &LaunchPlan) -> i32 {
         output_dir: cli.output_dir.clone(),
         kill_confirm: Duration::from_secs(10),
     };
-    let spawner = Arc::new(HostSpawner { local: LocalSpawner });
-    let report = supervisor::supervise(&plan.ranks, spawner, options, io).await;
+    let remote = if plan.ranks.iter().any(|r| !is_local_name(&r.host)) {
+        match SshSpawner::new(ssh_options(cli)) {
+            Ok(spawner) => Some(spawner),
+            Err(error) => {
+                eprintln!("ringleader: error: cannot set up the ssh transport: {error}");
+                return exit::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let spawner = Arc::new(HostSpawner { local: LocalSpawner, remote });
+    let report = supervisor::supervise(&plan.ranks, spawner.clone(), options, io).await;
+    if let Some(remote) = &spawner.remote {
+        for rank in remote.unconfirmed_ranks() {
+            eprintln!(
+                "ringleader: rank {} on {}: its remote process group could not be confirmed dead; check the host for leftover processes",
+                rank.rank, rank.host
+            );
+        }
+    }
     report.exit_code
+}
+
+/// The ssh transport's settings from the command line.
+fn ssh_options(cli: &Cli) -> SshOptions {
+    let defaults = SshOptions::default();
+    SshOptions {
+        config_file: cli.ssh_config.clone(),
+        extra_options: cli.ssh_option.clone(),
+        accept_new_host_keys: cli.accept_new_host_keys,
+        connect_timeout: Duration::from_secs_f64(cli.connect_timeout),
+        keepalive_interval: Duration::from_secs_f64(cli.keepalive),
+        grace: Duration::from_secs_f64(cli.grace),
+        ..defaults
+    }
 }
 
 /// Parses hosts and options into a plan, without touching any host.
@@ -112,10 +144,6 @@ pub fn prepare(cli: &Cli) -> Result<LaunchPlan, LaunchError> {
     if cli.command.is_empty() || cli.command[0].is_empty() {
         return Err(LaunchError::EmptyCommand);
     }
-    if let Some((rank, host)) = hostfile.hosts.iter().enumerate().find(|(_, h)| !is_local_name(&h.ssh)) {
-        return Err(LaunchError::RemoteUnsupported { host: host.ssh.clone(), rank });
-    }
-
     let mut env = std::mem::take(&mut hostfile.envs);
     env.extend(cli.env.iter().cloned());
     let options = PlanOptions {
@@ -136,14 +164,20 @@ pub fn prepare(cli: &Cli) -> Result<LaunchPlan, LaunchError> {
     Ok(plan::build(&hostfile, &options, &|key| std::env::var(key).ok())?)
 }
 
-/// Sends each rank to the spawner for its host.
+/// Sends each rank to the spawner for its host: loopback names run locally,
+/// every other host through ssh.
 struct HostSpawner {
     local: LocalSpawner,
+    /// Present when the job has remote ranks.
+    remote: Option<SshSpawner>,
 }
 
 impl Spawner for HostSpawner {
     fn spawn<'a>(&'a self, spec: &'a RankSpec) -> BoxFuture<'a, Result<Spawned, SpawnError>> {
-        self.local.spawn(spec)
+        match &self.remote {
+            Some(remote) if !is_local_name(&spec.host) => remote.spawn(spec),
+            _ => self.local.spawn(spec),
+        }
     }
 }
 

@@ -28,7 +28,8 @@ SIGTERM; a second signal, or the grace period running out, sends SIGKILL.";
 #[derive(Parser, Debug, Clone)]
 #[command(name = "ringleader", version, after_help = AFTER_HELP, max_term_width = 100)]
 pub struct Cli {
-    /// Comma-separated hosts to run on; 127.0.0.1, localhost and ::1 run locally without ssh.
+    /// Comma-separated hosts to run on; 127.0.0.1, localhost and ::1 run locally,
+    /// any other host (name, IP or user@host) through ssh.
     #[arg(long, default_value = "127.0.0.1", help_heading = "Hosts")]
     pub hosts: String,
 
@@ -94,6 +95,30 @@ pub struct Cli {
     /// Stop the whole job after this many seconds and exit 124 [default: no limit].
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, help_heading = "Supervision")]
     pub timeout: Option<f64>,
+
+    /// ssh config file to use instead of ~/.ssh/config (passed to ssh as -F).
+    #[arg(long, value_name = "FILE", help_heading = "Remote hosts")]
+    pub ssh_config: Option<PathBuf>,
+
+    /// Extra ssh option, as ssh -o takes it (repeatable); overrides ringleader's defaults.
+    #[arg(long, value_name = "OPTION", help_heading = "Remote hosts")]
+    pub ssh_option: Vec<String>,
+
+    /// Add unknown host keys to known_hosts (StrictHostKeyChecking=accept-new);
+    /// changed keys are still rejected. Off by default: your ssh config decides.
+    #[arg(long, help_heading = "Remote hosts")]
+    pub accept_new_host_keys: bool,
+
+    /// Seconds ssh may take to connect to a host (ssh ConnectTimeout).
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS", value_parser = parse_seconds,
+          help_heading = "Remote hosts")]
+    pub connect_timeout: f64,
+
+    /// Seconds between ssh keepalives; remote ranks stop by themselves after
+    /// 3 missed keepalives, when the launcher or its connection is gone.
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS", value_parser = parse_seconds,
+          help_heading = "Remote hosts")]
+    pub keepalive: f64,
 
     /// Prefix every output line with the rank and host, as "[rank 3 host] ".
     #[arg(long, help_heading = "Output")]

@@ -4,7 +4,8 @@
 //! - the launcher's own interruption wins: 128 + the signal number
 //!   ([`INTERRUPTED_HUP`], [`INTERRUPTED_INT`], [`INTERRUPTED_TERM`]);
 //! - then [`TIMEOUT`] when `--timeout` stopped the job;
-//! - then the first failing rank's exit code, or 128 + N when signal N killed it;
+//! - then the first failing rank's exit code, or 128 + N when signal N killed
+//!   it, or [`LOST_RANK`] when the transport lost the rank;
 //! - [`USAGE`] for command-line, hostfile and preflight errors, before any rank starts.
 
 use crate::exec::Termination;
@@ -16,6 +17,9 @@ pub const USAGE: i32 = 2;
 /// `--timeout` expired, as timeout(1) reports it.
 pub const TIMEOUT: i32 = 124;
 pub const SIGNAL_BASE: i32 = 128;
+/// A rank whose end the transport could not observe, such as a remote rank
+/// whose ssh session died; ssh itself exits 255 when a session fails.
+pub const LOST_RANK: i32 = 255;
 pub const INTERRUPTED_HUP: i32 = SIGNAL_BASE + 1;
 pub const INTERRUPTED_INT: i32 = SIGNAL_BASE + 2;
 pub const INTERRUPTED_TERM: i32 = SIGNAL_BASE + 15;

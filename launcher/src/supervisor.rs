@@ -202,14 +202,19 @@ impl Supervisor {
 
     fn on_rank_ended(&mut self, rank: usize, result: io::Result<Termination>) {
         let termination = match result {
-            Ok(termination) => termination,
+            Ok(termination) => {
+                self.reports[rank].state = RankState::Ended(termination);
+                termination
+            }
             Err(error) => {
-                tracing::error!(rank, %error, "waiting for the rank failed");
-                Termination::Exited(-1)
+                // The transport lost track of the rank (an ssh session that
+                // died, say); count it as a failure with ssh's own code.
+                tracing::error!(rank, %error, "lost the rank");
+                self.reports[rank].state = RankState::Lost(error_chain(&error));
+                Termination::Exited(exit::LOST_RANK)
             }
         };
         tracing::info!(rank, %termination, "rank ended");
-        self.reports[rank].state = RankState::Ended(termination);
         if !termination.success() && self.stopping.is_none() {
             self.outcome.first_failure = Some((rank, termination));
             self.stop(StopCause::RankFailed(rank));

@@ -28,6 +28,8 @@ pub enum RankState {
     SpawnFailed(String),
     Running,
     Ended(Termination),
+    /// The transport lost the rank; its end was not observed.
+    Lost(String),
     /// SIGKILL went out but the rank's end was never confirmed.
     Unconfirmed,
 }
@@ -111,6 +113,7 @@ pub fn summary(report: &Report) -> String {
                 ": NOT confirmed dead after SIGKILL; check the host for leftover processes".to_string()
             }
             RankState::Ended(termination) => format!(": {termination}"),
+            RankState::Lost(error) => format!(": lost: {error}"),
         };
         if let Some(cause) = rank.stopped_by {
             text += &format!(", {}", cause.describe());
