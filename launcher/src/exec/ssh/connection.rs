@@ -86,11 +86,7 @@ impl Pool {
 
     /// Finds or opens a link with room for one more rank session on the spec's host.
     pub(super) async fn acquire(&self, spec: &RankSpec) -> Result<Session, SpawnError> {
-        let ssh_error = |message: String| SpawnError::Ssh {
-            rank: spec.rank,
-            host: spec.host.clone(),
-            message,
-        };
+        let ssh_error = |message: String| ssh_spawn_error(spec, message);
         let entry = self
             .host_entry(spec)
             .map_err(|message| SpawnError::InvalidSpec {
@@ -352,6 +348,18 @@ impl Link {
             commands,
             state,
         }))
+    }
+}
+
+/// Describes an ssh failure before the rank started, with a hint to try ssh by hand.
+pub(super) fn ssh_spawn_error(spec: &RankSpec, message: String) -> SpawnError {
+    SpawnError::Ssh {
+        rank: spec.rank,
+        host: spec.host.clone(),
+        message: format!(
+            "{message}\nhint: check that `ssh {} true` works with the same ssh options",
+            spec.host
+        ),
     }
 }
 

@@ -10,7 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdout, Command};
 
 use super::connection::{
-    clip, control_path_option, describe_status, failure_message, read_log, Agent, Pool, Session,
+    clip, control_path_option, describe_status, failure_message, read_log, ssh_spawn_error, Agent,
+    Pool, Session,
 };
 use super::script::{self, RankParams, BOOTSTRAP, EXIT_COMMAND_NOT_FOUND};
 use super::{lock, SshSessionError, UnconfirmedRank};
@@ -194,14 +195,7 @@ fn start_error(spec: &RankSpec, message: String) -> SpawnError {
                 message: format!("{detail} (exit status {code}){hint}"),
             }
         }
-        _ => SpawnError::Ssh {
-            rank: spec.rank,
-            host: spec.host.clone(),
-            message: format!(
-                "{message}\nhint: check that `ssh {} true` works with the same ssh options",
-                spec.host
-            ),
-        },
+        _ => ssh_spawn_error(spec, message),
     }
 }
 
