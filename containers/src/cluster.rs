@@ -160,6 +160,9 @@ impl Cluster {
         }
         cluster.nodes.sort_by_key(|node| node.index);
         cluster.write_files()?;
+        if !options.mounts.is_empty() {
+            cluster.warn_on_glibc_mismatch().await;
+        }
         tracing::info!(cluster = %cluster.id, nodes = cluster.nodes.len(), "cluster up");
         Ok(cluster)
     }
@@ -285,6 +288,26 @@ impl Cluster {
         exec_in(&self.engine, node, argv).await
     }
 
+    /// Returns the glibc version of node `index`, as `getconf GNU_LIBC_VERSION` prints it.
+    pub async fn node_glibc_version(&self, index: usize) -> Result<String> {
+        let output = self.exec(index, &["getconf", "GNU_LIBC_VERSION"]).await?;
+        Ok(output.stdout.trim().to_string())
+    }
+
+    /// Warn when host-built programs in the mounts may not run in the nodes
+    /// because the nodes' glibc differs from the host's.
+    async fn warn_on_glibc_mismatch(&self) {
+        let host = host_glibc_version();
+        let node = self.node_glibc_version(0).await.ok();
+        if host.is_some() && host != node {
+            tracing::warn!(
+                host = host.as_deref().unwrap_or("unknown"),
+                node = node.as_deref().unwrap_or("unknown"),
+                "the nodes' glibc differs from the host's; host-built programs in the mounts may fail to load"
+            );
+        }
+    }
+
     /// Remove containers and network, reporting the first error.
     pub async fn remove(mut self) -> Result<()> {
         self.removed = true;
@@ -404,6 +427,12 @@ pub(crate) async fn remove_network(engine: &Engine, network: &str) -> Result<()>
         Err(testcontainers::bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
         Err(source) => Err(Error::Docker { action: format!("remove network {network}"), source }),
     }
+}
+
+/// Returns the host's glibc version as `getconf GNU_LIBC_VERSION` prints it.
+pub fn host_glibc_version() -> Option<String> {
+    let output = std::process::Command::new("getconf").arg("GNU_LIBC_VERSION").output().ok()?;
+    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_string())
 }
 
 /// Output of a command run inside a node.

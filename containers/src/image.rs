@@ -24,13 +24,15 @@ pub const IMAGE_REPOSITORY: &str = "ringleader-sshd";
 /// Label set on the image and on every container and network we create.
 pub const MANAGED_LABEL: &str = "org.ringleader.managed";
 
-/// Packages added to debootstrap's minimal base. The shared libraries at the
-/// end are what the pyenv CPython and the MLX wheels link against, so a
-/// bind-mounted virtualenv runs inside the node.
+/// Packages added to debootstrap's minimal base. python3 serves virtualenvs
+/// made from the host's system Python, which then need only their own
+/// directory mounted. The shared libraries are what a pyenv CPython and the
+/// MLX wheels link against, so a mounted pyenv installation runs too.
 const PACKAGES: &[&str] = &[
     "openssh-server",
     "procps",
     "iproute2",
+    "python3",
     "libssl3",
     "libffi8",
     "libbz2-1.0",

@@ -4,14 +4,15 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
-/// Paths to bind-mount so the Python at `python` runs inside a node.
+/// Returns the paths to bind-mount so the Python at `python` runs inside a node.
 ///
 /// `python` is a virtualenv directory or an interpreter in one. A virtualenv
 /// needs its own directory plus the base installation named by `home` in its
-/// `pyvenv.cfg`, because its `bin/python3` is a symlink into that base. A
-/// plain interpreter needs its installation prefix. The node runs the host's
-/// Debian suite, so interpreters and wheels built on the host find the same
-/// glibc and shared libraries there.
+/// `pyvenv.cfg`, because its `bin/python3` is a symlink into that base. The
+/// distribution's own Python is already in the image. A plain interpreter
+/// needs its installation prefix. The node runs the host's Debian suite, so
+/// interpreters and wheels built on the host find the same glibc and shared
+/// libraries there.
 pub fn python_mounts(python: &Path) -> Result<Vec<PathBuf>> {
     let python = std::path::absolute(python).map_err(Error::file("resolve", python))?;
     let venv = if python.is_dir() {
@@ -26,14 +27,27 @@ pub fn python_mounts(python: &Path) -> Result<Vec<PathBuf>> {
         let venv = std::fs::canonicalize(&venv).map_err(Error::file("resolve", &venv))?;
         let mut mounts = vec![venv];
         if let Some(home) = pyvenv_home(&text) {
-            mounts.push(install_prefix(&home));
+            mounts.extend(mountable_prefix(install_prefix(&home)));
         }
         return Ok(mounts);
     }
 
     let interpreter = std::fs::canonicalize(&python).map_err(Error::file("resolve", &python))?;
     let bin = interpreter.parent().unwrap_or(Path::new("/"));
-    Ok(vec![install_prefix(bin)])
+    Ok(mountable_prefix(install_prefix(bin)).into_iter().collect())
+}
+
+/// Returns `prefix` unless it is a system directory of the node itself.
+///
+/// A Python under `/usr` is the distribution's, and the node image has the
+/// same suite's `python3`; mounting the host's `/usr` would replace the
+/// node's whole userland. `/usr/local` and `/` are skipped for the same
+/// reason.
+// NOTE: a Python installed directly under /usr/local (not in a
+// subdirectory) is therefore not available in the nodes.
+fn mountable_prefix(prefix: PathBuf) -> Option<PathBuf> {
+    let system = [Path::new("/"), Path::new("/usr"), Path::new("/usr/local")];
+    (!system.contains(&prefix.as_path())).then_some(prefix)
 }
 
 /// Returns the `home` value of a `pyvenv.cfg`, the base interpreter's `bin` directory.
@@ -58,6 +72,17 @@ mod tests {
     fn pyvenv_home_is_read() {
         let text = "home = /opt/python/3.11.7/bin\ninclude-system-site-packages = false\n";
         assert_eq!(pyvenv_home(text), Some(PathBuf::from("/opt/python/3.11.7/bin")));
+    }
+
+    #[test]
+    fn system_prefixes_are_not_mounted() {
+        assert_eq!(mountable_prefix(PathBuf::from("/usr")), None);
+        assert_eq!(mountable_prefix(PathBuf::from("/usr/local")), None);
+        assert_eq!(mountable_prefix(PathBuf::from("/")), None);
+        assert_eq!(
+            mountable_prefix(PathBuf::from("/root/.pyenv/versions/3.11.7")),
+            Some(PathBuf::from("/root/.pyenv/versions/3.11.7"))
+        );
     }
 
     #[test]

@@ -179,6 +179,9 @@ async fn mounted_mlx_virtualenv_runs_inside_a_node() {
     options.mounts = mounts;
     let cluster = common::start_cluster(options).await;
 
+    let host_glibc = ringleader_containers::cluster::host_glibc_version().expect("getconf on the host");
+    assert_eq!(cluster.node_glibc_version(0).await.unwrap(), host_glibc);
+
     let code = "import mlx.core as mx; print(mx.__version__, mx.sum(mx.arange(5)).item())";
     let output = cluster.exec(0, &[python.to_str().unwrap(), "-c", code]).await.unwrap();
     assert_eq!(output.exit_code, 0, "python failed in the node: {}", output.stderr);
@@ -213,4 +216,26 @@ async fn image_builds_from_scratch_within_five_minutes() {
     );
     assert!(removed.status.success());
     assert!(elapsed < Duration::from_secs(300), "build took {elapsed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_python_virtualenv_runs_inside_a_node() {
+    require_docker!();
+    let _guard = common::exclusive().await;
+    let scratch = tempfile::tempdir().unwrap();
+    let venv = scratch.path().join("venv");
+    let created = common::run_echoed(std::process::Command::new("/usr/bin/python3").args(["-m", "venv", "--without-pip"]).arg(&venv));
+    assert!(created.status.success(), "the host needs /usr/bin/python3 with venv");
+
+    let mounts = ringleader_containers::mounts::python_mounts(&venv).expect("venv found");
+    assert_eq!(mounts, vec![std::fs::canonicalize(&venv).unwrap()], "only the venv itself is mounted");
+    let mut options = ClusterOptions::new(1);
+    options.mounts = mounts;
+    let cluster = common::start_cluster(options).await;
+
+    let python = venv.join("bin/python");
+    let code = "import sys; print(sys.prefix)";
+    let output = cluster.exec(0, &[python.to_str().unwrap(), "-c", code]).await.unwrap();
+    assert_eq!(output.exit_code, 0, "python failed in the node: {}", output.stderr);
+    assert_eq!(output.stdout.trim(), venv.to_str().unwrap());
 }
