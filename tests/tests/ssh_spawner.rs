@@ -352,6 +352,32 @@ async fn forty_eight_ranks_start_across_aliases_of_one_server() {
     }
 }
 
+/// Without multiplexing every rank is a handshake of its own, and only a
+/// few may run at once or sshd's MaxStartups drops the rest.
+#[tokio::test]
+async fn thirty_two_ranks_start_without_multiplexing() {
+    let sshd = Sshd::start();
+    let mut options = options(&sshd);
+    options.multiplex = false;
+    let spawner = SshSpawner::new(options).unwrap();
+    let specs: Vec<_> = (0..32)
+        .map(|rank| spec(rank, "host-b", &["sh", "-c", &format!("echo rank {rank}")]))
+        .collect();
+
+    let started = futures_join_all(specs.iter().map(|spec| spawner.spawn(spec))).await;
+    let mut finished = Vec::new();
+    for (rank, spawned) in started.into_iter().enumerate() {
+        let spawned =
+            spawned.unwrap_or_else(|error| panic!("rank {rank} failed to start: {error}"));
+        finished.push(tokio::spawn(run_to_end(spawned)));
+    }
+
+    for (rank, task) in finished.into_iter().enumerate() {
+        let finished = task.await.unwrap();
+        assert_eq!(finished.stdout_text(), format!("rank {rank}\n"));
+    }
+}
+
 #[tokio::test]
 async fn ranks_on_several_aliases_run_at_once() {
     let sshd = Sshd::start();

@@ -118,7 +118,11 @@ async fn interrupt_reaches_the_rank() {
     );
     let mut spawned = spawner.spawn(&rank).await.unwrap();
     let mut ready = [0u8; 6];
-    spawned.stdout.read_exact(&mut ready).await.expect("rank reports ready");
+    spawned
+        .stdout
+        .read_exact(&mut ready)
+        .await
+        .expect("rank reports ready");
     assert_eq!(&ready, b"ready\n");
 
     spawned.control.signal(RankSignal::Interrupt).await.unwrap();
@@ -151,9 +155,20 @@ async fn leftover_processes_stop_when_the_leader_exits() {
 #[tokio::test]
 async fn killed_ssh_client_stops_its_remote_rank() {
     let sshd = Sshd::start();
-    let spawner = SshSpawner::new(options(&sshd)).unwrap();
+    kill_one_ssh_client_and_check(&sshd, SshSpawner::new(options(&sshd)).unwrap()).await;
+}
+
+#[tokio::test]
+async fn killed_ssh_client_without_multiplexing_stops_its_rank() {
+    let sshd = Sshd::start();
+    let mut options = options(&sshd);
+    options.multiplex = false;
+    kill_one_ssh_client_and_check(&sshd, SshSpawner::new(options).unwrap()).await;
+}
+
+async fn kill_one_ssh_client_and_check(sshd: &Sshd, spawner: SshSpawner) {
     let (spawned, pgid) = start_sleepers(&spawner, 5).await;
-    let clients = local_ssh_clients(&sshd, "rank-5-");
+    let clients = local_ssh_clients(sshd, "rank-5-");
     assert_eq!(
         clients.len(),
         1,
