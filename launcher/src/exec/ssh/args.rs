@@ -9,7 +9,7 @@ use super::SshOptions;
 /// Flags for remote hosts, under the "SSH" help heading.
 #[derive(Clone, Debug, clap::Args)]
 pub struct SshArgs {
-    /// ssh config file for remote hosts, passed to ssh as -F; it replaces
+    /// ssh config file for remote hosts, passed to ssh as -F. It replaces
     /// ~/.ssh/config and the system-wide config.
     #[arg(long, value_name = "FILE", help_heading = "SSH")]
     pub ssh_config: Option<PathBuf>,
@@ -19,8 +19,8 @@ pub struct SshArgs {
     #[arg(long = "ssh-option", value_name = "OPTION", help_heading = "SSH")]
     pub ssh_options: Vec<String>,
 
-    /// Add unknown host keys to known_hosts (StrictHostKeyChecking=accept-new);
-    /// changed host keys are still rejected.
+    /// Add unknown host keys to known_hosts (StrictHostKeyChecking=accept-new).
+    /// Changed host keys are still rejected.
     #[arg(long, help_heading = "SSH")]
     pub ssh_accept_new_host_keys: bool,
 
@@ -46,13 +46,13 @@ pub struct SshArgs {
     #[arg(long, help_heading = "SSH")]
     pub ssh_no_multiplex: bool,
 
-    /// Maximum rank sessions per shared ssh connection; keep it below the
+    /// Maximum rank sessions per shared ssh connection. Keep it below the
     /// server's MaxSessions (10 by default).
     #[arg(long, default_value_t = 8, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..), help_heading = "SSH")]
     pub ssh_max_sessions: u32,
 
-    /// Maximum concurrent ssh handshakes per server; keep it below the
+    /// Maximum concurrent ssh handshakes per server. Keep it below the
     /// server's MaxStartups (10 by default).
     #[arg(long, default_value_t = 4, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..), help_heading = "SSH")]
@@ -64,7 +64,7 @@ pub struct SshArgs {
 }
 
 impl SshArgs {
-    /// Builds the transport's options; `grace` is the launcher's `--grace`,
+    /// Builds the transport's options. `grace` is the launcher's `--grace`,
     /// which the remote side also uses when it stops ranks on its own.
     pub fn to_options(&self, grace: Duration) -> SshOptions {
         SshOptions {
