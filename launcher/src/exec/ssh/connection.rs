@@ -318,7 +318,11 @@ impl Link {
         };
         let dir = match tokio::time::timeout(pool.start_deadline(), handshake).await {
             Ok(Some(dir)) => dir,
-            Ok(None) => return Err(failure_message(&mut child, &log_path, stderr).await),
+            Ok(None) => {
+                return Err(collect_exit(&mut child, &log_path, stderr)
+                    .await
+                    .ssh_message())
+            }
             Err(_) => {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
@@ -492,13 +496,34 @@ async fn log_agent_stderr(host: String, stderr: tokio::process::ChildStderr) {
     }
 }
 
-/// Waits for a failed ssh process and describes the failure from its exit
-/// status, its log file (ssh's own messages, from `-E`) and its stderr.
-pub(super) async fn failure_message(
+/// How an ssh process that failed to start its command ended.
+pub(super) struct SshExit {
+    /// Exit status of ssh, which is the remote command's unless it is 255.
+    pub(super) code: Option<i32>,
+    /// The exit status or signal in words.
+    pub(super) status: String,
+    /// ssh's log (its own messages, from `-E`) and stderr, trimmed and clipped.
+    pub(super) output: String,
+}
+
+impl SshExit {
+    /// Describes an ssh failure: `ssh failed (STATUS): OUTPUT`.
+    pub(super) fn ssh_message(&self) -> String {
+        if self.output.is_empty() {
+            format!("ssh failed ({})", self.status)
+        } else {
+            format!("ssh failed ({}): {}", self.status, self.output)
+        }
+    }
+}
+
+/// Waits for a failed ssh process (killing it after 5 s) and collects its
+/// exit status, its log file and its stderr.
+pub(super) async fn collect_exit(
     child: &mut Child,
     log_path: &Path,
     stderr: tokio::process::ChildStderr,
-) -> String {
+) -> SshExit {
     let status = match tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await {
         Ok(status) => status,
         Err(_) => {
@@ -508,19 +533,21 @@ pub(super) async fn failure_message(
     };
     let stderr_text = read_clipped(stderr).await;
     let log_text = read_log(log_path);
-    let status_text = match status {
-        Ok(status) => describe_status(status),
-        Err(error) => format!("cannot wait for ssh: {error}"),
+    let texts: Vec<String> = [log_text, stderr_text]
+        .iter()
+        .map(|text| text.trim())
+        .filter(|text| !text.is_empty())
+        .map(clip)
+        .collect();
+    let (code, status) = match status {
+        Ok(status) => (status.code(), describe_status(status)),
+        Err(error) => (None, format!("cannot wait for ssh: {error}")),
     };
-    let mut message = format!("ssh failed ({status_text})");
-    for text in [log_text, stderr_text] {
-        let text = text.trim();
-        if !text.is_empty() {
-            message.push_str(": ");
-            message.push_str(&clip(text));
-        }
+    SshExit {
+        code,
+        status,
+        output: texts.join("\n"),
     }
-    message
 }
 
 pub(super) fn describe_status(status: std::process::ExitStatus) -> String {

@@ -10,8 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdout, Command};
 
 use super::connection::{
-    clip, control_path_option, describe_status, failure_message, read_log, ssh_spawn_error, Agent,
-    Pool, Session,
+    clip, collect_exit, control_path_option, describe_status, read_log, ssh_spawn_error, Agent,
+    Pool, Session, SshExit,
 };
 use super::script::{self, RankParams, BOOTSTRAP, EXIT_COMMAND_NOT_FOUND};
 use super::{lock, SshSessionError, UnconfirmedRank};
@@ -72,8 +72,8 @@ pub(super) async fn start(pool: Arc<Pool>, spec: &RankSpec) -> Result<Spawned, S
     let start = match tokio::time::timeout(pool.start_deadline(), started).await {
         Ok(Some(start)) => start,
         Ok(None) => {
-            let message = failure_message(&mut child, &log_path, stderr).await;
-            return Err(start_error(spec, message));
+            let exit = collect_exit(&mut child, &log_path, stderr).await;
+            return Err(start_error(spec, &exit));
         }
         Err(_) => {
             let _ = child.start_kill();
@@ -172,18 +172,17 @@ fn ssh_command(pool: &Pool, spec: &RankSpec, session: &Session, log_path: &PathB
     command
 }
 
-/// Classifies a rank that ended before its start line.
-fn start_error(spec: &RankSpec, message: String) -> SpawnError {
-    let remote_status = message
-        .strip_prefix("ssh failed (exit status ")
-        .and_then(|rest| rest.split(')').next())
-        .and_then(|code| code.parse::<i32>().ok());
-    match remote_status {
+/// Classifies a rank that ended before its start line: ssh's own failure
+/// (exit status 255 or a signal), or the remote setup's (any other status,
+/// with the script's message on stderr).
+fn start_error(spec: &RankSpec, exit: &SshExit) -> SpawnError {
+    match exit.code {
         Some(code) if code != 255 => {
-            let detail = message
-                .split_once("): ")
-                .map(|(_, text)| text.to_owned())
-                .unwrap_or_else(|| format!("the remote setup failed with exit status {code}"));
+            let detail = if exit.output.is_empty() {
+                format!("the remote setup failed with exit status {code}")
+            } else {
+                format!("{} (exit status {code})", exit.output)
+            };
             let hint = if code == EXIT_COMMAND_NOT_FOUND {
                 "\nhint: check the command's path and PATH on that host"
             } else {
@@ -192,10 +191,10 @@ fn start_error(spec: &RankSpec, message: String) -> SpawnError {
             SpawnError::RemoteStart {
                 rank: spec.rank,
                 host: spec.host.clone(),
-                message: format!("{detail} (exit status {code}){hint}"),
+                message: format!("{detail}{hint}"),
             }
         }
-        _ => ssh_spawn_error(spec, message),
+        _ => ssh_spawn_error(spec, exit.ssh_message()),
     }
 }
 
