@@ -46,7 +46,6 @@
 //! - The remote host needs `/bin/sh`, `mktemp`, `dd`, `mv`, `rm`, `sleep`,
 //!   and `setsid` or `perl`.
 
-mod args;
 mod connection;
 mod quote;
 pub mod script;
@@ -57,7 +56,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use args::SshArgs;
 pub use quote::{sh_quote, validate_host, InvalidHost};
 
 use super::{BoxFuture, RankSpec, SpawnError, Spawned, Spawner};
