@@ -1,0 +1,90 @@
+"""Turn a benches/ring.sh output directory into a Markdown report.
+
+Usage: python ring_report.py OUT_DIR
+
+Reads OUT_DIR/results.csv, OUT_DIR/iperf3-*.json and OUT_DIR/machine.txt and
+prints one table per rank count and connection count, with ringleader's and
+MLX's all_sum side by side, then the targets: bus bandwidth at least 1.25x
+MLX's from 1 MiB up, latency at 4 KiB at most MLX's, and large-buffer bus
+bandwidth against the loopback ceiling.
+"""
+
+import csv
+import json
+import sys
+from collections import defaultdict
+
+MIB = 1 << 20
+
+
+def human(nbytes):
+    for unit, scale in (("GiB", 1 << 30), ("MiB", MIB), ("KiB", 1 << 10)):
+        if nbytes >= scale and nbytes % scale == 0:
+            return f"{nbytes // scale} {unit}"
+    return f"{nbytes} B"
+
+
+def ceilings(out):
+    single = json.load(open(f"{out}/iperf3-single.json"))["end"]["sum_received"]["bits_per_second"] / 8e9
+    bidir = json.load(open(f"{out}/iperf3-bidir.json"))["end"]
+    each = min(
+        bidir["sum_received"]["bits_per_second"],
+        bidir["sum_received_bidir_reverse"]["bits_per_second"],
+    ) / 8e9
+    return single, each
+
+
+def main():
+    out = sys.argv[1]
+    rows = defaultdict(dict)
+    with open(f"{out}/results.csv") as f:
+        for row in csv.DictReader(f):
+            key = (int(row["ranks"]), int(row["connections"]))
+            rows[key].setdefault(int(row["size_bytes"]), {})[row["impl"]] = row
+    single, bidir = ceilings(out)
+
+    print("```")
+    print(open(f"{out}/machine.txt").read().rstrip())
+    print(f"loopback ceiling (iperf3, 127.0.0.1): {single:.3f} GB/s one way, {bidir:.3f} GB/s per direction both ways")
+    print("```")
+    print()
+
+    verdicts = []
+    for (ranks, connections), sizes in sorted(rows.items()):
+        print(f"### N={ranks}, --connections-per-ip {connections}")
+        print()
+        print("| size | ringleader time (us) | MLX time (us) | ringleader busbw (GB/s) | MLX busbw (GB/s) | busbw ratio | ringleader busbw / one-way ceiling |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for nbytes, impls in sorted(sizes.items()):
+            ours, mlx = impls.get("ringleader"), impls.get("mlx")
+            if not ours or not mlx:
+                continue
+            ours_bw, mlx_bw = float(ours["busbw_GBps"]), float(mlx["busbw_GBps"])
+            ratio = ours_bw / mlx_bw if mlx_bw > 0 else float("inf")
+            checks = "" if ours["check"] == mlx["check"] == "ok" else " (WRONG result)"
+            print(
+                f"| {human(nbytes)} | {float(ours['time_us']):.1f} | {float(mlx['time_us']):.1f} | "
+                f"{ours_bw:.3f} | {mlx_bw:.3f} | {ratio:.2f}x{checks} | {ours_bw / single:.0%} |"
+            )
+            if nbytes >= MIB and ratio < 1.25:
+                verdicts.append(f"N={ranks} c={connections} {human(nbytes)}: busbw ratio {ratio:.2f}x is below 1.25x")
+            if nbytes == 4096 and float(ours["time_us"]) > float(mlx["time_us"]):
+                verdicts.append(f"N={ranks} c={connections} 4 KiB: latency above MLX's")
+        largest = max(sizes)
+        ours = sizes[largest].get("ringleader")
+        if ours:
+            bw = float(ours["busbw_GBps"])
+            verdicts.append(
+                f"N={ranks} c={connections} {human(largest)}: busbw {bw:.3f} GB/s = {bw / single:.0%} of the one-way "
+                f"ceiling, {bw / bidir:.0%} of the per-direction two-way ceiling"
+            )
+        print()
+
+    print("Targets and ceiling:")
+    print()
+    for verdict in verdicts:
+        print(f"- {verdict}")
+
+
+if __name__ == "__main__":
+    main()
