@@ -223,7 +223,7 @@ impl Cluster {
             .with_labels(self.labels())
             .with_env_var(AUTHORIZED_KEY_ENV, public_key)
             .with_startup_timeout(NODE_START_TIMEOUT)
-            .with_host_config_modifier(publish_ssh_on_loopback);
+            .with_host_config_modifier(configure_node_host);
         for path in mounts {
             let path = path.to_string_lossy().into_owned();
             request = request.with_mount(Mount::bind_mount(path.clone(), path).with_access_mode(AccessMode::ReadOnly));
@@ -412,13 +412,16 @@ fn is_overlap(error: &testcontainers::bollard::errors::Error) -> bool {
     )
 }
 
-/// Publish the node's port 22 on an ephemeral port of 127.0.0.1 only, and
-/// run docker-init as PID 1 so orphaned processes are reaped.
-fn publish_ssh_on_loopback(host_config: &mut HostConfig) {
+/// Publish the node's port 22 on an ephemeral port of 127.0.0.1 only, run
+/// docker-init as PID 1 so orphaned processes are reaped, and grant
+/// NET_ADMIN inside the node's own network namespace for
+/// [`Cluster::isolate`]'s routes.
+fn configure_node_host(host_config: &mut HostConfig) {
     let binding = PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(String::new()) };
     host_config.port_bindings = Some(HashMap::from([("22/tcp".to_string(), Some(vec![binding]))]));
     host_config.publish_all_ports = Some(false);
     host_config.init = Some(true);
+    host_config.cap_add = Some(vec!["NET_ADMIN".to_string()]);
 }
 
 pub(crate) async fn remove_network(engine: &Engine, network: &str) -> Result<()> {

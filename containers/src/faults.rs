@@ -6,6 +6,7 @@
 //! | [`Cluster::stop`] | SIGTERM, then SIGKILL after the engine's grace period |
 //! | [`Cluster::pause`] | processes frozen (cgroup freezer); connections stay open but silent |
 //! | [`Cluster::disconnect`] | node leaves the network: peers' packets to it vanish, and its published ssh port closes, which ends ssh sessions through it |
+//! | [`Cluster::isolate`] | node drops all traffic to the other nodes; the launcher's ssh sessions continue |
 //! | [`Cluster::stop_sshd`] | new ssh connections are refused; running sessions continue |
 
 use testcontainers::bollard::models::{EndpointIpamConfig, EndpointSettings, NetworkConnectRequest, NetworkDisconnectRequest};
@@ -94,6 +95,30 @@ impl Cluster {
                 .map_err(Error::docker(format!("connect {} to {}", node.container_name, self.network)))?;
         }
         self.refresh_and_rewrite(index).await
+    }
+
+    /// Cut node `index` off from the other nodes while the launcher keeps
+    /// reaching it: a blackhole route per peer address drops every packet
+    /// the node sends to its peers. Peers see silence, not resets, as on a
+    /// failed link. ssh traffic from the host comes from the bridge gateway
+    /// and still flows.
+    pub async fn isolate(&self, index: usize) -> Result<()> {
+        self.run_checked(index, &["sh", "-c", &self.peer_routes_script(index, "replace")]).await
+    }
+
+    /// Undo [`Cluster::isolate`].
+    pub async fn heal(&self, index: usize) -> Result<()> {
+        self.run_checked(index, &["sh", "-c", &self.peer_routes_script(index, "del")]).await
+    }
+
+    fn peer_routes_script(&self, index: usize, action: &str) -> String {
+        let commands: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|node| node.index != index)
+            .map(|node| format!("ip route {action} blackhole {}/32", node.ip))
+            .collect();
+        commands.join(" && ")
     }
 
     /// Stop the node's listening sshd; sessions already open keep running.

@@ -7,7 +7,7 @@
 //! - `api_shim`: lets testcontainers talk to engines older than its bollard
 //! - `cluster`: [`Cluster`], N nodes on a private network, removed on drop
 //! - `files`: the client key, ssh config, known_hosts and hostfile of a cluster
-//! - `faults`: kill, stop, pause, disconnect a node; stop only its sshd
+//! - `faults`: kill, stop, pause, disconnect or isolate a node; stop only its sshd
 //! - `cleanup`: removal of labelled leftovers
 //! - `mounts`: host paths a node needs to run a Python virtualenv
 //!

@@ -161,3 +161,22 @@ async fn stopped_sshd_keeps_open_sessions() {
     cluster.start_sshd(0).await.unwrap();
     assert!(ssh_succeeds(&cluster, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_node_loses_peers_but_keeps_ssh() {
+    require_docker!();
+    let _guard = common::exclusive().await;
+    let cluster = common::start_cluster(ClusterOptions::new(3)).await;
+    let isolated_ip = cluster.nodes[1].ip.to_string();
+    let peer_ip = cluster.nodes[2].ip.to_string();
+
+    cluster.isolate(1).await.unwrap();
+    assert!(!tcp_reaches(&cluster, 0, &isolated_ip).await, "node0 still reaches node1");
+    assert!(!tcp_reaches(&cluster, 1, &peer_ip).await, "node1 still reaches node2");
+    assert!(tcp_reaches(&cluster, 0, &peer_ip).await, "node0 lost node2 too");
+    assert!(ssh_succeeds(&cluster, 1), "the launcher lost node1");
+
+    cluster.heal(1).await.unwrap();
+    assert!(tcp_reaches(&cluster, 0, &isolated_ip).await);
+    assert!(tcp_reaches(&cluster, 1, &peer_ip).await);
+}

@@ -249,6 +249,38 @@ async fn disconnected_node_mid_all_sum_fails_the_job_within_the_bound() {
     rehearsal.wait_until_clean(&[0, 2, 3], &marker, Duration::from_secs(10)).await;
 }
 
+/// Per-operation timeout of the ring backend in the isolation test, seconds.
+const RING_OP_TIMEOUT_SECS: u64 = 5;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_node_mid_all_sum_makes_survivors_fail() {
+    require_docker!();
+    let _guard = common::exclusive().await;
+    let rehearsal = Rehearsal::start(4, false).await;
+    let bench = common::workspace_binary("ringleader", "ringleader-bench");
+
+    let mut command = rehearsal.launcher();
+    command
+        .arg("--env")
+        .arg(format!("RINGLEADER_RING_OP_TIMEOUT={RING_OP_TIMEOUT_SECS}"))
+        .arg("--")
+        .arg(&bench)
+        .args(["-b", "1M", "-e", "1M", "-n", "1000000", "-o", "all-sum"]);
+    let child = spawn_echoed(&mut command);
+    rehearsal.wait_until_running(&[0, 1, 2, 3], "ringleader-bench").await;
+
+    // The ssh sessions stay up, so only the ring can notice the cut.
+    let fault_at = Instant::now();
+    rehearsal.cluster.isolate(1).await.unwrap();
+    let bound = Duration::from_secs(RING_OP_TIMEOUT_SECS + 5 + 10);
+    let (output, _) = wait_within(child, bound).await;
+    let elapsed = fault_at.elapsed();
+
+    assert_eq!(output.status.code(), Some(3), "exit code of a rank whose ring operation failed");
+    eprintln!("job failed {elapsed:?} after the isolation");
+    rehearsal.wait_until_clean(&[0, 1, 2, 3], "ringleader-bench", Duration::from_secs(10)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_node_is_detected_by_the_keepalive() {
     require_docker!();
