@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::exec::SshTarget;
+use crate::hostlist;
 
 /// One host entry. A host listed `-n` times is one entry per rank.
 #[derive(Clone, Debug, PartialEq)]
@@ -25,6 +26,17 @@ pub struct Host {
 }
 
 impl Host {
+    /// A host given by name only, as in `--hosts`: its ring address is the
+    /// name itself when that is an IP address.
+    pub fn named(name: String) -> Host {
+        Host {
+            ips: default_ips(&name),
+            ssh: name,
+            rdma: Vec::new(),
+            target: SshTarget::default(),
+        }
+    }
+
     /// Whether the host is this machine, which runs ranks without ssh.
     pub fn is_local(&self) -> bool {
         is_local_name(&self.ssh)
@@ -78,21 +90,29 @@ impl Hostfile {
             list: list.to_string(),
             reason,
         };
+        let names = hostlist::expand(list).map_err(|error| invalid(error.to_string()))?;
         let mut hosts = Vec::new();
-        for (position, name) in list.split(',').enumerate() {
-            if name.is_empty() {
-                return Err(invalid(format!(
-                    "host {position} is empty; write hosts as a comma-separated list such as 10.0.0.1,10.0.0.2"
-                )));
-            }
-            check_host_name(name).map_err(invalid)?;
-            let host = Host {
-                ssh: name.to_string(),
-                ips: default_ips(name),
-                rdma: Vec::new(),
-                target: SshTarget::default(),
-            };
-            hosts.extend(std::iter::repeat_n(host, repeats));
+        for name in names {
+            check_host_name(&name).map_err(invalid)?;
+            hosts.extend(std::iter::repeat_n(Host::named(name), repeats));
+        }
+        Ok(Hostfile {
+            hosts,
+            ..Hostfile::default()
+        })
+    }
+
+    /// Builds the hosts of a Slurm allocation: each node once per task, or
+    /// `repeats` times when that is given (`Some`) in place of Slurm's counts.
+    pub fn from_allocation(nodes: Vec<(String, u32)>, repeats: Option<usize>) -> Result<Hostfile, HostfileError> {
+        let mut hosts = Vec::new();
+        for (name, tasks) in nodes {
+            check_host_name(&name).map_err(|reason| HostfileError::InvalidList {
+                list: format!("{}={name}", crate::slurm::NODELIST_VAR),
+                reason,
+            })?;
+            let count = repeats.unwrap_or(tasks as usize);
+            hosts.extend(std::iter::repeat_n(Host::named(name), count));
         }
         Ok(Hostfile {
             hosts,
@@ -141,7 +161,7 @@ impl Hostfile {
             return Err(shape("the host list is empty; add at least one host"));
         }
         for (index, entry) in entries.into_iter().enumerate() {
-            hostfile.hosts.push(parse_host(path, index, entry)?);
+            hostfile.hosts.extend(parse_host(path, index, entry)?);
         }
         Ok(hostfile)
     }
@@ -188,7 +208,9 @@ fn parse_envs(path: &Path, value: Option<Value>) -> Result<Vec<String>, Hostfile
     }
 }
 
-fn parse_host(path: &Path, index: usize, entry: Value) -> Result<Host, HostfileError> {
+/// Parses one entry; an entry whose `ssh` is a host range such as
+/// `node[01-04]` gives one host per name.
+fn parse_host(path: &Path, index: usize, entry: Value) -> Result<Vec<Host>, HostfileError> {
     let field_error = |field: &'static str, reason: String| HostfileError::Field {
         path: path.to_path_buf(),
         index,
@@ -208,7 +230,20 @@ fn parse_host(path: &Path, index: usize, entry: Value) -> Result<Host, HostfileE
         Some(other) => return Err(field_error("ssh", format!("must be a host name string, got {other}"))),
         None => return Err(field_error("ssh", "is missing".into())),
     };
-    check_host_name(&ssh).map_err(|reason| field_error("ssh", reason))?;
+    let names = hostlist::expand(&ssh).map_err(|error| field_error("ssh", error.to_string()))?;
+    for name in &names {
+        check_host_name(name).map_err(|reason| field_error("ssh", reason))?;
+    }
+    if names.len() > 1 {
+        for field in ["ips", "rdma"] {
+            if object.get(field).is_some_and(|value| !value.is_null()) {
+                return Err(field_error(
+                    field,
+                    format!("cannot be given for {ssh:?}, which names {} hosts; list each host in its own entry", names.len()),
+                ));
+            }
+        }
+    }
 
     let ips = match object.remove("ips") {
         None | Some(Value::Null) => default_ips(&ssh),
@@ -234,7 +269,14 @@ fn parse_host(path: &Path, index: usize, entry: Value) -> Result<Host, HostfileE
     };
 
     let target = parse_target(&mut object, &field_error)?;
-    Ok(Host { ssh, ips, rdma, target })
+    if names.len() == 1 {
+        return Ok(vec![Host { ssh, ips, rdma, target }]);
+    }
+    let hosts = names
+        .into_iter()
+        .map(|name| Host { target: target.clone(), ..Host::named(name) })
+        .collect();
+    Ok(hosts)
 }
 
 fn parse_target(
@@ -326,6 +368,39 @@ mod tests {
     }
 
     #[test]
+    fn list_expands_ranges() {
+        let hostfile = Hostfile::from_list("node[01-02],n[1-3,7],10.0.0.[1-2]", 1).unwrap();
+        let names: Vec<_> = hostfile.hosts.iter().map(|h| h.ssh.as_str()).collect();
+        assert_eq!(names, ["node01", "node02", "n1", "n2", "n3", "n7", "10.0.0.1", "10.0.0.2"]);
+        assert_eq!(hostfile.hosts[6].ips, ["10.0.0.1"]);
+    }
+
+    #[test]
+    fn list_range_errors_name_the_item() {
+        let error = Hostfile::from_list("a,n[1-", 1).unwrap_err().to_string();
+        assert!(error.contains("invalid --hosts value \"a,n[1-\""), "{error}");
+        assert!(error.contains("\"n[1-\": the '[' at byte 1 is never closed"), "{error}");
+    }
+
+    #[test]
+    fn hostfile_range_entry_gives_one_host_per_name() {
+        let hostfile = parse(r#"[{"ssh": "gpu[1-3]", "user": "me"}, {"ssh": "10.0.0.9"}]"#).unwrap();
+        let names: Vec<_> = hostfile.hosts.iter().map(|h| h.ssh.as_str()).collect();
+        assert_eq!(names, ["gpu1", "gpu2", "gpu3", "10.0.0.9"]);
+        assert_eq!(hostfile.hosts[2].target.user.as_deref(), Some("me"));
+        assert!(hostfile.hosts[0].ips.is_empty());
+        assert_eq!(hostfile.hosts[3].ips, ["10.0.0.9"]);
+    }
+
+    #[test]
+    fn allocation_repeats_by_task_count_or_repeats() {
+        let nodes = vec![("n1".to_string(), 2), ("n2".to_string(), 1)];
+        let names = |hostfile: Hostfile| hostfile.hosts.into_iter().map(|h| h.ssh).collect::<Vec<_>>();
+        assert_eq!(names(Hostfile::from_allocation(nodes.clone(), None).unwrap()), ["n1", "n1", "n2"]);
+        assert_eq!(names(Hostfile::from_allocation(nodes, Some(1)).unwrap()), ["n1", "n2"]);
+    }
+
+    #[test]
     fn list_form_parses() {
         let hostfile = parse(r#"[{"ssh": "h1", "ips": ["10.0.0.1"]}, {"ssh": "h2", "ips": ["10.0.0.2", "10.1.0.2"], "rdma": [null, "rdma_en2"]}]"#).unwrap();
         assert_eq!(hostfile.hosts.len(), 2);
@@ -371,6 +446,11 @@ mod tests {
             ("[{\"ssh\": \"a\", \"port\": \"22\"}]", "field \"port\" must be a port number"),
             ("[{\"ssh\": \"a\", \"user\": \"-l\"}]", "field \"user\" must be a user name"),
             ("[{\"ssh\": \"a\", \"identity\": 1}]", "field \"identity\" must be a key file path"),
+            ("[{\"ssh\": \"n[1-\"}]", "host 0: field \"ssh\" \"n[1-\": the '[' at byte 1 is never closed"),
+            ("[{\"ssh\": \"n[2-1]\"}]", "field \"ssh\" \"n[2-1]\": range element \"2-1\" counts down"),
+            ("[{\"ssh\": \"n[1-2]\", \"ips\": [\"10.0.0.1\"]}]", "field \"ips\" cannot be given for \"n[1-2]\", which names 2 hosts"),
+            ("[{\"ssh\": \"n[1-2]\", \"rdma\": []}]", "field \"rdma\" cannot be given"),
+            ("[{\"ssh\": \"-o[1-2]\"}]", "host \"-o1\" starts with '-'"),
         ];
         for (text, expected) in cases {
             let error = parse(text).unwrap_err();

@@ -4,6 +4,8 @@
 //!
 //! - [`cli`]: the command line, compatible with `mlx.launch` 0.32.
 //! - [`hostfile`]: `--hosts` lists and the two JSON hostfile forms.
+//! - [`hostlist`]: host ranges such as `node[01-04]` in lists and hostfiles.
+//! - [`slurm`]: the hosts of a Slurm allocation, from its environment.
 //! - [`plan`]: a pure function from hosts and options to one `RankSpec` per rank.
 //! - [`preflight`]: checks before launch (directory, command, busy ring ports).
 //! - [`exec`]: the process transport; a `Spawner` starts one rank on one host.
@@ -22,6 +24,7 @@ pub mod cli;
 pub mod exec;
 pub mod exit;
 pub mod hostfile;
+pub mod hostlist;
 pub mod net;
 pub mod output;
 pub mod plan;
@@ -29,5 +32,6 @@ pub mod preflight;
 pub mod ring;
 pub mod shell;
 pub mod signals;
+pub mod slurm;
 pub mod stdin;
 pub mod supervisor;
