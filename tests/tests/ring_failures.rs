@@ -20,15 +20,15 @@ fn any_port() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
-/// A loopback address that was free a moment ago and on which nothing
-/// listens now, standing for a rank that never started.
+/// Returns a loopback address that was free a moment ago and on which
+/// nothing listens now, in place of a rank that never started.
 async fn released_port() -> SocketAddr {
     let listener = TokioNet.bind(any_port()).await.unwrap();
     listener.local_addr().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn survivors_fail_promptly_when_rank_dies_mid_all_sum() {
+async fn survivors_fail_when_rank_dies() {
     let groups = loopback_ring(4, 2, RingOptions::default()).await;
     let len = 16 << 20;
     let results = on_every_rank(groups, move |mut group| async move {
@@ -74,8 +74,8 @@ async fn neighbours_of_dead_rank_name_it() {
     .await;
 
     // Ranks 0 and 2 are both neighbours of rank 1 in a ring of three; at
-    // least one of them sees rank 1's sockets close (the other may first
-    // see its other neighbour give up).
+    // least one of them reads the close of rank 1's sockets (the other may
+    // first get the close from its other neighbour).
     let messages: Vec<String> = results
         .into_iter()
         .flatten()

@@ -19,7 +19,7 @@ const DTYPES: [&str; 12] = [
     "uint32", "uint64",
 ];
 
-/// The cases every ring of `size` ranks runs: every op and dtype on lengths
+/// Lists the cases every ring of `size` ranks runs: every op and dtype on lengths
 /// around the group size, odd lengths, and float32/int32 lengths large
 /// enough to be split across connections and directions.
 fn cases(size: usize) -> Vec<Case> {

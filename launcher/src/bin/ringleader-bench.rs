@@ -140,7 +140,8 @@ bench_values! {
 }
 
 /// Input of `rank` at index `i`: small enough that sums over up to 32 ranks
-/// stay exact in every benchmark type (bfloat16 holds integers up to 256).
+/// stay exact in every benchmark type (bfloat16 represents every integer up
+/// to 256).
 fn input_value(rank: usize, i: usize) -> u32 {
     (rank % 4) as u32 + (i % 3) as u32
 }

@@ -81,7 +81,7 @@ impl AddressTable {
         self.ranks[0].len()
     }
 
-    /// The listening addresses of `rank`.
+    /// Returns the listening addresses of `rank`.
     pub fn addrs(&self, rank: usize) -> &[SocketAddr] {
         &self.ranks[rank]
     }

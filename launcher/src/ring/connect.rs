@@ -1,8 +1,8 @@
 //! Forming the ring: listening, accepting and connecting, with deadlines.
 //!
-//! MLX forms the ring in a fixed order: every rank but the last accepts one
+//! MLX forms the ring in a fixed order. Every rank but the last accepts one
 //! connection on each of its own addresses, in order, then connects once to
-//! each address of its right neighbour, in order; the last rank connects
+//! each address of its right neighbour, in order. The last rank connects
 //! first and accepts afterwards. Each accepted connection becomes the left
 //! socket with the same index, each opened one the right socket.
 //!

@@ -156,7 +156,7 @@ mod tests {
     }
 
     #[test]
-    fn max_keeps_nan_in_output_and_ignores_nan_input() {
+    fn max_nan_follows_std_max() {
         // std::max(out, in) returns `out` unless `out < in`.
         let mut dst = [f32::NAN, 1.0, 2.0];
         apply(max_fn::<f32>(), &mut dst, &[3.0, f32::NAN, 5.0]);

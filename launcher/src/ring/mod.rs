@@ -14,10 +14,11 @@
 //! [`Group::init`] reads `MLX_RANK` and `MLX_HOSTFILE` as MLX does (both unset
 //! gives a one-rank group with no sockets); [`Group::connect`] takes the rank,
 //! the [`AddressTable`] and the [`Net`] explicitly. Every collective works in
-//! place on the caller's slice: the library's own memory is one staging
-//! buffer of [`STAGING_BYTES`] per pass that reduces (at most two per
-//! connection to a neighbour, so `2 * connections * STAGING_BYTES` in all),
-//! plus a zero-padded copy for all-reduces shorter than the group.
+//! place on the caller's slice. The library's own memory is one staging
+//! buffer of [`STAGING_BYTES`] per reducing pass, and there are at most two
+//! such passes per connection to a neighbour, so `2 * connections *
+//! STAGING_BYTES` in all. All-reduces shorter than the group also make a
+//! zero-padded copy of `size` elements.
 //!
 //! Each rank holds `connections` TCP connections to each neighbour; a
 //! collective cuts its buffer across all of them and both directions
@@ -93,7 +94,7 @@ pub struct Group<N: Net = TokioNet> {
     links: Option<Links<N::Stream>>,
     /// One staging buffer per reducing pass, allocated on first use.
     staging: Vec<Staging>,
-    /// Why the group refuses operations, once one failed or was cancelled.
+    /// Reason the group rejects operations, once one failed or was cancelled.
     broken: Option<String>,
     /// Set while a collective runs. Still set when the next one starts means
     /// the caller dropped the previous one midway, leaving the byte streams
@@ -142,7 +143,7 @@ impl<N: Net> BoundRank<N> {
         })
     }
 
-    /// The bound addresses, with the real ports.
+    /// Returns the bound addresses, with the real ports.
     pub fn local_addrs(&self) -> io::Result<Vec<SocketAddr>> {
         self.listeners.iter().map(|l| l.local_addr()).collect()
     }

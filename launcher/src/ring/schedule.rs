@@ -4,9 +4,9 @@
 //! Everything here is a pure function of the rank, the group size, the buffer
 //! size and the number of connections per neighbour, and it reproduces the
 //! schedule of MLX's ring backend (`mlx/distributed/ring/ring.cpp`, MLX
-//! 0.32). Because TCP carries a byte stream, only the order and content of the
-//! bytes on each socket matter for compatibility, not how a rank cuts them
-//! into `send`/`recv` calls, so the transfer engine is free to choose its own
+//! 0.32). TCP carries a byte stream, so only the order and content of the
+//! bytes on each socket matter for compatibility. How a rank cuts them into
+//! `send`/`recv` calls does not, and the transfer engine chooses its own
 //! chunk sizes.
 //!
 //! Terms used below:
@@ -30,7 +30,7 @@ pub const MIN_SPLIT_BYTES: usize = 262_144;
 /// this many bytes.
 pub const MIN_P2P_PIECE_BYTES: usize = 1024;
 
-/// Which neighbour a socket leads to.
+/// The neighbour a socket leads to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
     /// Rank `(rank + size - 1) % size`, whose connections this rank accepted.
@@ -55,13 +55,12 @@ pub struct Pass {
     /// How many leading items of `recvs` are combined into the buffer with
     /// the reduction; later items overwrite the buffer.
     pub reduce_items: usize,
-    /// How far, in bytes, the sent stream may run ahead of the received
-    /// bytes already applied to the buffer. Ring passes send item `t + 1`
+    /// Maximum lead, in bytes, of the sent stream over the received bytes
+    /// already applied to the buffer. Ring passes send item `t + 1`
     /// from the range that item `t` received, so the lead is the length of
     /// the first sent item.
     pub send_lead: usize,
-    /// How far, in bytes, the received stream may run ahead of the sent
-    /// stream. In an all-reduce, the all-gather half overwrites a segment
+    /// Maximum lead, in bytes, of the received stream over the sent stream. In an all-reduce, the all-gather half overwrites a segment
     /// that this rank sent `size` items earlier, which bounds the lead by the
     /// pass's buffer size minus its first sent item.
     pub recv_lead: usize,
@@ -100,7 +99,8 @@ fn sides_of(direction: isize) -> (Side, Side) {
     }
 }
 
-/// The segment a rank handles `step` steps after its own, in `direction`.
+/// Returns the segment a rank handles `step` steps after its own, in
+/// `direction`.
 fn segment_at(rank: usize, size: usize, direction: isize, step: usize) -> usize {
     let offset = (step % size) as isize * direction;
     (rank as isize + offset).rem_euclid(size as isize) as usize
@@ -144,7 +144,7 @@ pub fn all_reduce(
     }
 }
 
-/// One reduce-scatter followed by an all-gather over elements
+/// Plans one reduce-scatter followed by an all-gather over elements
 /// `start..end`, cut into `size` segments of `ceil((end - start) / size)`
 /// elements (the last ones may be shorter or empty).
 fn reduce_pass(
@@ -262,7 +262,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn all_reduce_two_ranks_one_link_matches_hand_schedule() {
+    fn all_reduce_two_ranks_hand_schedule() {
         // 10 f32 on 2 ranks: one pass (40 bytes < the split threshold),
         // direction +1, segments of 5 elements.
         let plan = all_reduce(0, 2, 10, 4, 1);
@@ -292,7 +292,7 @@ mod tests {
     }
 
     #[test]
-    fn all_reduce_shorter_than_group_pads_and_sends_right() {
+    fn all_reduce_short_input_pads() {
         // 2 elements on 4 ranks: padded to 4 elements, one segment each.
         let plan = all_reduce(2, 4, 2, 8, 3);
         assert_eq!(plan.padded_len, 4);
@@ -318,7 +318,7 @@ mod tests {
     }
 
     #[test]
-    fn all_reduce_splits_large_buffers_across_links_and_directions() {
+    fn all_reduce_splits_across_links() {
         // 2 ranks, 2 connections: 8 MiB of f32 allows 16 parts, capped at 4.
         let len = 2 * 1024 * 1024;
         let plan = all_reduce(1, 2, len, 4, 2);
@@ -373,7 +373,7 @@ mod tests {
     }
 
     #[test]
-    fn all_gather_small_uses_one_pass_to_the_left() {
+    fn all_gather_small_single_pass() {
         let passes = all_gather(1, 3, 10, 2);
         assert_eq!(passes.len(), 1);
         let pass = &passes[0];

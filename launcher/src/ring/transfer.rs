@@ -1,10 +1,10 @@
 //! The transfer engine: drives the passes of one collective over their
 //! sockets, all in the caller's task.
 //!
-//! Each [`Transfer`] runs one [`Pass`]: it writes the pass's send ranges
-//! straight from the caller's buffer and reads the receive ranges either
-//! straight into the buffer or, for items that must be reduced, into a
-//! bounded staging buffer that is folded into the buffer as whole elements
+//! Each [`Transfer`] runs one [`Pass`]. It writes the pass's send ranges
+//! straight from the caller's buffer. It reads received ranges straight into
+//! the buffer too, except for items that must be reduced: those go to a
+//! bounded staging buffer, which is folded into the buffer as whole elements
 //! arrive. Reads and writes are as large as the socket accepts and the
 //! dependencies allow, so a pass makes progress in both directions at once
 //! without waiting for fixed-size packets.
@@ -57,7 +57,7 @@ impl<'a> SharedBuf<'a> {
         }
     }
 
-    /// A buffer that passes may only send from.
+    /// Wraps a shared slice, which passes may only send from.
     pub(crate) fn read_only(buf: &'a [u8]) -> Self {
         SharedBuf {
             ptr: buf.as_ptr().cast_mut(),
@@ -84,7 +84,7 @@ impl<'a> SharedBuf<'a> {
     }
 }
 
-/// Which socket of a pass failed, and how.
+/// A socket failure in a pass: the failed side and link, and the I/O error.
 #[derive(Debug)]
 pub(crate) struct TransferError {
     pub side: Side,

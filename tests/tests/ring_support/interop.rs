@@ -105,7 +105,7 @@ impl InteropValue for bf16 {
     }
 }
 
-/// The input of `rank` for case number `case`.
+/// Returns the input of `rank` for case number `case`.
 pub fn input_of<T: InteropValue>(case: usize, rank: usize, len: usize) -> Vec<T> {
     let base = (rank as u64) * 1_000_003 + (case as u64) * 7919;
     (0..len as u64).map(|i| T::from_key(i.wrapping_mul(31).wrapping_add(base))).collect()

@@ -40,24 +40,26 @@ fn cargo_build(args: &[&str]) {
     assert!(status.success(), "cargo build {args:?} failed");
 }
 
-/// The `ringleader` launcher and `ringleader-bench`, built once per test process.
+/// Returns the path of a binary of the launcher package (`ringleader`,
+/// `ringleader-bench`), building them once per test process.
 pub fn launcher_bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| cargo_build(&["-p", "ringleader", "--bins"]));
     target_dir().join("debug").join(name)
 }
 
-/// The Rust interop rank (tests/examples/ring_interop_rank.rs), built in
-/// release mode once per test process.
+/// Returns the path of the Rust interop rank
+/// (tests/examples/ring_interop_rank.rs), built in release mode once per
+/// test process.
 pub fn interop_rank_bin() -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| cargo_build(&["-p", "ringleader-tests", "--release", "--example", "ring_interop_rank"]));
     target_dir().join("release/examples/ring_interop_rank")
 }
 
-/// A first ring port for one job, so that concurrent tests and test
-/// processes rarely share ports: blocks of 96 ports from 6000 to 11760,
-/// below the ports the launcher tests use and the ephemeral range.
+/// Picks a first ring port for one job, so that concurrent tests and test
+/// processes rarely share ports. Blocks of 96 ports from 6000 to 11760 stay
+/// below the ports the launcher tests use and below the ephemeral range.
 pub fn port_base() -> u16 {
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -137,9 +139,10 @@ fn abbreviate(text: &str) -> String {
     format!("{}\n[... {} more bytes]", &text[..cut], text.len() - cut)
 }
 
-/// The Python interpreter with `mlx[cpu]==0.32.4`: `RINGLEADER_TEST_PYTHON`,
-/// else `<repo>/.cache/mlx-venv/bin/python`, which is created (once, under
-/// a lock shared by concurrent test processes) when missing.
+/// Returns the Python interpreter with `mlx[cpu]==0.32.4`:
+/// `RINGLEADER_TEST_PYTHON`, else `<repo>/.cache/mlx-venv/bin/python`. The
+/// venv is created when missing, once, under a lock that concurrent test
+/// processes share.
 pub fn mlx_python() -> PathBuf {
     static PYTHON: OnceLock<PathBuf> = OnceLock::new();
     PYTHON

@@ -108,7 +108,7 @@ test_values! {
     u64 => |v| v.unsigned_abs() as u64,
 }
 
-/// The input of `rank` for case `case` of a run with `seed`.
+/// Returns the input of `rank` for case `case` of a run with `seed`.
 pub fn input<T: TestValue>(seed: u64, case: usize, rank: usize, len: usize) -> Vec<T> {
     let mut rng = Rng::new(seed ^ ((case as u64) << 20) ^ ((rank as u64) << 40));
     (0..len).map(|_| T::from_small(rng.below(9) as i8 - 4)).collect()
