@@ -69,6 +69,8 @@ async fn terminate_stops_the_whole_remote_group() {
         processes_in_group(pgid).is_empty(),
         "group {pgid} survived SIGTERM"
     );
+    // The remote shell reports a killed child ("Terminated"); that must not reach the rank's stderr.
+    assert_eq!(finished.stderr_text(), "");
 }
 
 #[tokio::test]

@@ -382,6 +382,10 @@ pub mod drive {
         pub fn stdout_text(&self) -> String {
             String::from_utf8_lossy(&self.stdout).into_owned()
         }
+
+        pub fn stderr_text(&self) -> String {
+            String::from_utf8_lossy(&self.stderr).into_owned()
+        }
     }
 
     /// Reads both output streams to the end and waits for the rank.

@@ -305,13 +305,24 @@ pub(super) fn rank_script(spec: &RankSpec, params: &RankParams<'_>) -> Result<St
         r#"  rl_reg={registration}
   rl_leader={leader}
   if command -v setsid >/dev/null 2>&1; then
-    setsid /bin/sh -c "$rl_leader" "$rl_reg" "$@"{stdin}
+    rl_group_tool=setsid
   elif command -v perl >/dev/null 2>&1; then
-    perl -e 'setpgrp(0, 0) or die "setpgrp: $!\n"; exec {{ $ARGV[0] }} @ARGV or die "exec: $!\n"' /bin/sh -c "$rl_leader" "$rl_reg" "$@"{stdin}
+    rl_group_tool=perl
   else
     rl_fail {EXIT_NO_PROCESS_GROUP} {no_group}
   fi
+  # The shell reports a foreground child killed by a signal ("Terminated")
+  # on its own stderr, and dash applies a command's redirections in the
+  # waiting shell. So this shell's stderr goes to /dev/null, and a subshell
+  # gives the rank the session's stderr (kept as fd 4) before it execs.
+  exec 4>&2 2>/dev/null
+  if [ "$rl_group_tool" = setsid ]; then
+    ( exec 2>&4 4>&-{stdin}; exec setsid /bin/sh -c "$rl_leader" "$rl_reg" "$@" )
+  else
+    ( exec 2>&4 4>&-{stdin}; exec perl -e 'setpgrp(0, 0) or die "setpgrp: $!\n"; exec {{ $ARGV[0] }} @ARGV or die "exec: $!\n"' /bin/sh -c "$rl_leader" "$rl_reg" "$@" )
+  fi
   rl_status=$?
+  exec 4>&-
   if [ -f "$rl_reg" ] && read -r rl_group < "$rl_reg" && [ -n "$rl_group" ]; then
     rl_alive "$rl_group" && rl_stop "$rl_group"
     rm -f -- "$rl_reg"

@@ -1,0 +1,190 @@
+//! Jobs on ssh hosts through the real `ringleader` binary, against the
+//! loopback sshd fixture: every host alias reaches the same sshd, so the
+//! "remote" ranks are processes on this machine that the test can inspect.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::sshd::{Sshd, CLOSED_PORT_ALIAS, HOST_ALIASES};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use ringleader_tests::{
+    drain_stderr, finish, lines_of, processes_with, read_until, ringleader, run, start,
+    survivors_after, unique_marker,
+};
+
+/// Grace period the tests pass to the launcher.
+const GRACE_SECONDS: &str = "1";
+
+/// Upper bound for remote ranks to disappear after the launcher or a rank
+/// failed: the grace period plus a margin for a loaded machine.
+const TEARDOWN_BOUND: Duration = Duration::from_secs(8);
+
+/// Writes a JSON hostfile with one entry per alias, all ring addresses on loopback.
+fn hostfile(sshd: &Sshd, aliases: &[&str]) -> PathBuf {
+    let hosts: Vec<String> = aliases
+        .iter()
+        .map(|alias| format!(r#"{{"ssh": "{alias}", "ips": ["127.0.0.1"]}}"#))
+        .collect();
+    let path = sshd
+        .dir()
+        .join(format!("hostfile-{}.json", unique_marker("hosts")));
+    std::fs::write(&path, format!("[{}]", hosts.join(", "))).expect("write the hostfile");
+    path
+}
+
+/// Builds a `ringleader` command for `aliases` with the fixture's ssh config.
+fn remote_job(
+    sshd: &Sshd,
+    aliases: &[&str],
+    extra: &[&str],
+    script: &str,
+) -> std::process::Command {
+    let config = sshd.config_file();
+    let hostfile = hostfile(sshd, aliases);
+    let mut command = ringleader(["--hostfile"]);
+    command
+        .arg(&hostfile)
+        .arg("--ssh-config")
+        .arg(&config)
+        .args(["--grace", GRACE_SECONDS, "--keepalive", "1"])
+        .args(extra)
+        .args(["--", "sh", "-c", script]);
+    command
+}
+
+#[test]
+fn job_runs_on_every_ssh_host() {
+    let sshd = Sshd::start();
+    let script = r#"test -s "$MLX_HOSTFILE" && echo "rank $MLX_RANK of $MLX_WORLD_SIZE""#;
+
+    let output = run(&mut remote_job(&sshd, &HOST_ALIASES, &[], script), b"");
+
+    assert_eq!(output.code(), Some(0), "{}", output.stderr_text());
+    let stdout = output.stdout_text();
+    for rank in 0..HOST_ALIASES.len() {
+        assert!(
+            stdout.contains(&format!("rank {rank} of {}\n", HOST_ALIASES.len())),
+            "rank {rank} missing from {stdout:?}"
+        );
+    }
+}
+
+#[test]
+fn failing_remote_rank_stops_the_others() {
+    let sshd = Sshd::start();
+    let marker = unique_marker("ssh-failure");
+    let env = format!("TEST_MARKER={marker}");
+    let script =
+        r#"if [ "$MLX_RANK" = 2 ]; then sleep 1; exit 7; fi; sleep 300 & echo ready; wait"#;
+
+    let output = run(
+        &mut remote_job(
+            &sshd,
+            &HOST_ALIASES,
+            &["--stdin", "none", "--env", &env],
+            script,
+        ),
+        b"",
+    );
+
+    assert_eq!(output.code(), Some(7), "{}", output.stderr_text());
+    assert!(
+        output.stderr_text().contains("rank 2"),
+        "{}",
+        output.stderr_text()
+    );
+    assert_eq!(survivors_after(&marker, TEARDOWN_BOUND), Vec::<u32>::new());
+}
+
+#[test]
+fn interrupted_launcher_stops_remote_ranks() {
+    let sshd = Sshd::start();
+    let marker = unique_marker("ssh-interrupt");
+    let env = format!("TEST_MARKER={marker}");
+    let mut child = start(&mut remote_job(
+        &sshd,
+        &HOST_ALIASES[..3],
+        &["--stdin", "none", "--env", &env],
+        "sleep 300 & echo ready; wait",
+    ));
+    let mut lines = lines_of(child.stdout.take().unwrap());
+    read_until(&mut lines, "ready", 3);
+    assert!(
+        processes_with(&marker).len() >= 6,
+        "every remote rank and its child carry the marker"
+    );
+
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    let output = finish(child);
+
+    assert_eq!(output.code(), Some(130), "{}", output.stderr_text());
+    assert_eq!(survivors_after(&marker, TEARDOWN_BOUND), Vec::<u32>::new());
+}
+
+#[test]
+fn killed_launcher_leaves_no_remote_rank() {
+    let sshd = Sshd::start();
+    let marker = unique_marker("ssh-sigkill");
+    let env = format!("TEST_MARKER={marker}");
+    let mut child = start(&mut remote_job(
+        &sshd,
+        &HOST_ALIASES,
+        &["--stdin", "none", "--env", &env],
+        "sleep 300 & echo ready; wait",
+    ));
+    let stderr = drain_stderr(child.stderr.take().unwrap());
+    let mut lines = lines_of(child.stdout.take().unwrap());
+    read_until(&mut lines, "ready", HOST_ALIASES.len());
+    assert!(processes_with(&marker).len() >= 2 * HOST_ALIASES.len());
+
+    child.kill().expect("SIGKILL the launcher");
+    child.wait().unwrap();
+    println!("{}", String::from_utf8_lossy(&stderr.join().unwrap()));
+
+    assert_eq!(survivors_after(&marker, TEARDOWN_BOUND), Vec::<u32>::new());
+    let clean = sshd_sessions_end(&sshd, TEARDOWN_BOUND);
+    assert!(clean, "sshd sessions left: {:?}", sshd.descendants());
+}
+
+#[test]
+fn unreachable_host_fails_fast_naming_it() {
+    let sshd = Sshd::start();
+
+    let output = run(
+        &mut remote_job(
+            &sshd,
+            &[HOST_ALIASES[0], CLOSED_PORT_ALIAS],
+            &["--stdin", "none"],
+            "sleep 300",
+        ),
+        b"",
+    );
+
+    let stderr = output.stderr_text();
+    assert_ne!(output.code(), Some(0));
+    assert!(stderr.contains(CLOSED_PORT_ALIAS), "{stderr}");
+    assert!(stderr.contains("Connection refused"), "{stderr}");
+    assert!(
+        output.elapsed < Duration::from_secs(15),
+        "{:?}",
+        output.elapsed
+    );
+}
+
+/// Polls until the fixture's sshd has no session processes left.
+fn sshd_sessions_end(sshd: &Sshd, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if sshd.descendants().is_empty() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        // Polling interval, not synchronisation: the deadline above bounds the wait.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
