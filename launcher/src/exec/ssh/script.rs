@@ -19,11 +19,13 @@
 //! private directory where each rank registers its process group id. It
 //! signals groups on request. It stops every registered group when its stdin
 //! reaches EOF (the launcher or the connection died) or when the launcher's
-//! heartbeat stops (the network was cut). The *rank* script prepares one rank (files,
-//! working directory, environment), starts it as the leader of a new process
-//! group with `setsid` (or `perl`'s `setpgrp` where `setsid` is missing, as on
-//! macOS), waits for it, stops whatever the rank left behind in its group, and
-//! removes its files.
+//! heartbeat stops (the network was cut).
+//!
+//! The *rank* script prepares one rank (files, working directory,
+//! environment) and starts it as the leader of a new process group, with
+//! `setsid`, or with `perl`'s `setpgrp` where `setsid` is missing (macOS).
+//! When the leader exits, the script stops whatever the rank left behind in
+//! its group and removes the rank's files.
 
 use std::fmt::Write as _;
 use std::time::Duration;

@@ -17,7 +17,7 @@ use super::script::{self, RankParams, BOOTSTRAP, EXIT_COMMAND_NOT_FOUND};
 use super::{lock, SshSessionError, UnconfirmedRank};
 use crate::exec::{BoxFuture, RankControl, RankSignal, RankSpec, SpawnError, Spawned, Termination};
 
-/// Most bytes of login-shell chatter accepted on stdout before the start line.
+/// Maximum bytes of login-shell output accepted on stdout before the start line.
 const MAX_BYTES_BEFORE_START: usize = 1 << 20;
 
 /// Extra time, beyond the grace period, for the agent to confirm a stopped rank.
