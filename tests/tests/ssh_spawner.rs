@@ -486,6 +486,16 @@ async fn hostfile_port_overrides_the_config() {
 }
 
 #[tokio::test]
+async fn user_at_host_destination_works() {
+    let sshd = Sshd::start();
+    let host = format!("{}@host-c", common::sshd::user_name());
+
+    let output = run_echo(options(&sshd), &host, SshTarget::default()).await;
+
+    assert_eq!(output.expect("user@host reaches the host"), "reached\n");
+}
+
+#[tokio::test]
 async fn hostfile_identity_and_user_are_used() {
     let sshd = Sshd::start();
     let user = common::sshd::user_name();
