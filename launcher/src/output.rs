@@ -21,11 +21,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::exec::{ByteReader, ByteWriter};
+
+/// Bytes the writer collects before it writes to the launcher's stream.
+const SINK_BUFFER: usize = 256 * 1024;
 
 /// Largest chunk a pump reads at once.
 pub const CHUNK_SIZE: usize = 64 * 1024;
@@ -84,7 +87,7 @@ pub fn start_writer(
     let (tx, rx) = mpsc::unbounded_channel();
     let ranks = labels.as_ref().map_or(0, Vec::len);
     let writer = Writer {
-        sink,
+        sink: BufWriter::with_capacity(SINK_BUFFER, sink),
         labels,
         at_line_start: vec![true; ranks],
         owner: None,
@@ -169,7 +172,7 @@ impl StreamWriter {
 }
 
 struct Writer {
-    sink: ByteWriter,
+    sink: BufWriter<ByteWriter>,
     labels: Option<Vec<String>>,
     /// Per rank, whether its next byte starts a line (for labels).
     at_line_start: Vec<bool>,
@@ -192,7 +195,14 @@ impl Writer {
             let hold_deadline = (self.owner_active + LINE_HOLD).min(self.owner_since + LINE_HOLD_MAX);
             tokio::select! {
                 message = rx.recv(), if open => match message {
-                    Some(message) => self.accept(message).await,
+                    Some(message) => {
+                        self.accept(message).await;
+                        // Writes collect in the buffer while more are queued;
+                        // the sink sees them as soon as the queue runs dry.
+                        if rx.is_empty() {
+                            self.flush().await;
+                        }
+                    }
                     None => open = false,
                 },
                 _ = tokio::time::sleep_until(hold_deadline), if !self.held.is_empty() => {
@@ -202,8 +212,14 @@ impl Writer {
                 _ = std::future::ready(()), if !open => self.release_owner().await,
             }
         }
-        let _ = self.sink.flush().await;
-        self.sink
+        self.flush().await;
+        self.sink.into_inner()
+    }
+
+    async fn flush(&mut self) {
+        if let Err(error) = self.sink.flush().await {
+            tracing::debug!(%error, "writing to the launcher's output failed");
+        }
     }
 
     /// Writes `message` now, or queues it while another rank owns the sink.
@@ -261,7 +277,7 @@ impl Writer {
                     self.owner = None;
                     self.end_line(rank).await;
                 }
-                let _ = self.sink.flush().await;
+                self.flush().await;
                 let _ = drained.send(());
             }
         }
@@ -273,7 +289,7 @@ impl Writer {
 
     async fn write_bytes(&mut self, rank: usize, bytes: &[u8]) {
         let result = match &self.labels {
-            None => write_flush(&mut self.sink, bytes).await,
+            None => self.sink.write_all(bytes).await,
             Some(labels) => {
                 self.scratch.clear();
                 let label = labels[rank].as_bytes();
@@ -284,7 +300,7 @@ impl Writer {
                     self.scratch.extend_from_slice(line);
                     self.at_line_start[rank] = line.last() == Some(&b'\n');
                 }
-                write_flush(&mut self.sink, &self.scratch).await
+                self.sink.write_all(&self.scratch).await
             }
         };
         // A closed launcher stdout must not stop the job or block the ranks:
@@ -295,10 +311,6 @@ impl Writer {
     }
 }
 
-async fn write_flush(sink: &mut (dyn AsyncWrite + Send + Unpin), bytes: &[u8]) -> std::io::Result<()> {
-    sink.write_all(bytes).await?;
-    sink.flush().await
-}
 
 /// Opens `DIR/rank-N.stdout` and `DIR/rank-N.stderr` for `--output-dir`.
 pub async fn open_rank_files(dir: &PathBuf, rank: usize) -> std::io::Result<(ByteWriter, ByteWriter)> {
