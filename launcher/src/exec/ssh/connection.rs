@@ -441,26 +441,34 @@ impl LinkTask {
             self.heartbeat_period
                 .max(std::time::Duration::from_millis(100)),
         );
-        loop {
+        // True when every handle on the agent is gone, the normal way to close.
+        let released = loop {
             tokio::select! {
                 command = commands.recv() => {
-                    let Some(command) = command else { break };
+                    let Some(command) = command else { break true };
                     if stdin.write_all(command.as_bytes()).await.is_err() {
-                        break;
+                        break false;
                     }
                 }
                 _ = heartbeat.tick() => {
                     if stdin.write_all(b"h\n").await.is_err() {
-                        break;
+                        break false;
                     }
                 }
                 line = lines.next_line() => match line {
                     Ok(Some(line)) => self.handle_reply(&line),
-                    _ => break,
+                    _ => break false,
                 },
             }
-        }
+        };
 
+        if !released {
+            tracing::warn!(
+                host = %self.host,
+                "ssh connection to {} closed; the remote agent stops the ranks it carried",
+                self.host
+            );
+        }
         self.state.alive.store(false, Ordering::SeqCst);
         for (_, waiter) in lock(&self.state.acks).drain() {
             let _ = waiter.send(false);
