@@ -343,6 +343,7 @@ impl Link {
             token: pool.token.clone(),
             heartbeat_period: pool.options.keepalive_interval / 2,
             state: state.clone(),
+            log_path,
         };
         tokio::spawn(log_agent_stderr(entry.host.clone(), stderr));
         tokio::spawn(task.run(child, stdin, lines, receiver));
@@ -427,6 +428,8 @@ struct LinkTask {
     token: String,
     heartbeat_period: std::time::Duration,
     state: Arc<AgentState>,
+    /// ssh's own messages (`-E`), shown when the connection closes unexpectedly.
+    log_path: PathBuf,
 }
 
 impl LinkTask {
@@ -463,9 +466,15 @@ impl LinkTask {
         };
 
         if !released {
+            let log = read_log(&self.log_path);
+            let detail = if log.trim().is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", clip(&log))
+            };
             tracing::warn!(
                 host = %self.host,
-                "ssh connection to {} closed; the remote agent stops the ranks it carried",
+                "ssh connection to {} closed{detail}; the remote agent stops the ranks it carried",
                 self.host
             );
         }
