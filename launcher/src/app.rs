@@ -1,6 +1,6 @@
 //! The `ringleader` command: from parsed arguments to an exit code.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +11,9 @@ use crate::exec::{BoxFuture, RankSpec, SpawnError, Spawned, Spawner};
 use crate::exit;
 use crate::hostfile::{is_local_name, Hostfile, HostfileError};
 use crate::plan::{self, LaunchPlan, PlanError, PlanOptions};
+use crate::mpi::{self, MpiCommand, MpiError};
 use crate::preflight::{self, PreflightError};
+use crate::slurm::{self, SlurmError};
 use crate::supervisor::{self, LauncherIo, SupervisorOptions};
 
 /// Errors that stop the launch before any rank starts (exit code 2).
@@ -27,8 +29,10 @@ pub enum LaunchError {
     UnknownBackend { name: String },
     #[error("the command is empty\nhint: put the program to run after the options, for example: ringleader -n 2 -- python3 train.py")]
     EmptyCommand,
-    #[error("the mpi backend is not supported yet\nhint: run mpirun directly, or use --backend ring")]
-    MpiUnsupported,
+    #[error(transparent)]
+    Mpi(#[from] MpiError),
+    #[error(transparent)]
+    Slurm(#[from] SlurmError),
 }
 
 /// Runs the launcher and returns its exit code.
@@ -37,8 +41,13 @@ pub fn run(cli: Cli) -> i32 {
         println!("{}", cli.python.clone().unwrap_or_else(default_python));
         return exit::SUCCESS;
     }
-    let plan = match prepare(&cli) {
-        Ok(plan) => plan,
+    let prepared = load_hosts(&cli).and_then(|(hostfile, backend)| match backend {
+        Backend::Mpi => prepare_mpi(&cli, &hostfile).map(Err),
+        _ => prepare_plan(&cli, hostfile, backend).map(Ok),
+    });
+    let plan = match prepared {
+        Ok(Ok(plan)) => plan,
+        Ok(Err(mpi_command)) => return run_mpi(&cli, &mpi_command),
         Err(error) => {
             eprintln!("ringleader: error: {error}");
             return exit::USAGE;
@@ -125,25 +134,48 @@ fn ssh_options(cli: &Cli) -> SshOptions {
 
 /// Parses hosts and options into a plan, without touching any host.
 pub fn prepare(cli: &Cli) -> Result<LaunchPlan, LaunchError> {
-    let mut hostfile = match &cli.hostfile {
-        Some(path) => {
+    let (hostfile, backend) = load_hosts(cli)?;
+    if backend == Backend::Mpi {
+        return Err(LaunchError::Plan(PlanError::MpiNotPerRank));
+    }
+    prepare_plan(cli, hostfile, backend)
+}
+
+/// Reads the hosts from `--hostfile`, `--hosts` or a Slurm allocation (in
+/// that order), and picks the backend: `--backend`, else the hostfile's, else ring.
+fn load_hosts(cli: &Cli) -> Result<(Hostfile, Backend), LaunchError> {
+    let repeats = cli.repeat_hosts as usize;
+    let allocation = match (&cli.hostfile, &cli.hosts) {
+        (None, None) => slurm::allocation(&|key| std::env::var(key).ok())?,
+        _ => None,
+    };
+    let mut hostfile = match (&cli.hostfile, allocation) {
+        (Some(path), _) => {
             let mut hostfile = Hostfile::from_path(path)?;
-            hostfile.repeat(cli.repeat_hosts as usize);
+            hostfile.repeat(repeats);
             hostfile
         }
-        None => Hostfile::from_list(&cli.hosts, cli.repeat_hosts as usize)?,
+        (None, Some(nodes)) => {
+            tracing::debug!(nodes = nodes.len(), "taking the hosts from the Slurm allocation");
+            Hostfile::from_allocation(nodes, (repeats > 1).then_some(repeats))?
+        }
+        (None, None) => Hostfile::from_list(cli.hosts.as_deref().unwrap_or(DEFAULT_HOSTS), repeats)?,
     };
     let backend = match (cli.backend, hostfile.backend.take()) {
         (Some(backend), _) => backend,
         (None, Some(name)) => Backend::parse(&name).ok_or(LaunchError::UnknownBackend { name })?,
         (None, None) => Backend::Ring,
     };
-    if backend == Backend::Mpi {
-        return Err(LaunchError::MpiUnsupported);
-    }
     if cli.command.is_empty() || cli.command[0].is_empty() {
         return Err(LaunchError::EmptyCommand);
     }
+    Ok((hostfile, backend))
+}
+
+/// Hosts of a launch without `--hosts`, `--hostfile` or a Slurm allocation.
+const DEFAULT_HOSTS: &str = "127.0.0.1";
+
+fn prepare_plan(cli: &Cli, mut hostfile: Hostfile, backend: Backend) -> Result<LaunchPlan, LaunchError> {
     let mut env = std::mem::take(&mut hostfile.envs);
     env.extend(cli.env.iter().cloned());
     let options = PlanOptions {
@@ -162,6 +194,91 @@ pub fn prepare(cli: &Cli) -> Result<LaunchPlan, LaunchError> {
         terminal_size: terminal_size(),
     };
     Ok(plan::build(&hostfile, &options, &|key| std::env::var(key).ok())?)
+}
+
+/// Translates the launch into one mpirun command line.
+fn prepare_mpi(cli: &Cli, hostfile: &Hostfile) -> Result<MpiCommand, LaunchError> {
+    if cli.tag_output {
+        return Err(MpiError::Unsupported { option: "--tag-output", hint: "pass mpirun's own with --mpi-arg --tag-output" }.into());
+    }
+    if cli.output_dir.is_some() {
+        return Err(MpiError::Unsupported { option: "--output-dir", hint: "pass mpirun's own with --mpi-arg '--output-filename DIR'" }.into());
+    }
+    let lookup_env = |key: &str| std::env::var(key).ok();
+    let mpirun = mpi::Mpirun::find(std::env::var_os("PATH").as_deref())?;
+    if !cli.dry_run {
+        mpi::check_root(nix::unistd::geteuid().is_root(), &cli.mpi_arg, &lookup_env)?;
+    }
+
+    // MLX loads MPI by the library name in MLX_MPI_LIBNAME, as mlx.launch
+    // sets it, and on macOS from the lib directory next to mpirun's.
+    let mut entries = Vec::new();
+    if let Some(name) = mpi::mpi_library_name(&mpirun.program) {
+        let prefix = mpirun.program.parent().and_then(Path::parent);
+        if let (true, Some(prefix)) = (cfg!(target_os = "macos"), prefix) {
+            entries.push(format!("DYLD_LIBRARY_PATH={}", prefix.join("lib").display()));
+        }
+        entries.push(format!("MLX_MPI_LIBNAME={name}"));
+    }
+    entries.extend(hostfile.envs.iter().cloned());
+    entries.extend(cli.env.iter().cloned());
+    let mut env = plan::parse_env_entries(&entries, &lookup_env)?;
+    if let Some((columns, lines)) = terminal_size() {
+        if !env.iter().any(|(key, _)| key == "COLUMNS") {
+            env.push(("COLUMNS".into(), columns.to_string()));
+            env.push(("LINES".into(), lines.to_string()));
+        }
+    }
+
+    let mut command = cli.command.clone();
+    if let Some(python) = &cli.python {
+        command.insert(0, python.clone());
+    }
+    let cwd = cli.cwd.as_deref().map(Path::new);
+    Ok(mpi::build(&mpirun, &hostfile.hosts, &env, cwd, &cli.mpi_arg, &command)?)
+}
+
+/// Prints or runs the mpirun command.
+fn run_mpi(cli: &Cli, command: &MpiCommand) -> i32 {
+    if cli.dry_run {
+        let argv: Vec<String> = command
+            .argv(Path::new("HOSTFILE"))
+            .into_iter()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect();
+        if cli.json {
+            let value = serde_json::json!({
+                "backend": Backend::Mpi,
+                "mpirun": argv,
+                "mpi_hostfile": command.hostfile,
+            });
+            println!("{}", serde_json::to_string_pretty(&value).expect("JSON values serialize"));
+        } else {
+            let quoted: Vec<String> = argv.iter().map(|arg| crate::shell::quote(arg)).collect();
+            print!("backend mpi\n{}\nHOSTFILE:\n{}", quoted.join(" "), command.hostfile);
+        }
+        return exit::SUCCESS;
+    }
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime can be built");
+    runtime.block_on(async {
+        let signals = match crate::signals::os_signals() {
+            Ok(signals) => signals,
+            Err(error) => {
+                eprintln!("ringleader: error: cannot install signal handlers: {error}");
+                return exit::FAILURE;
+            }
+        };
+        let options = mpi::RunOptions {
+            grace: Duration::from_secs_f64(cli.grace),
+            timeout: cli.timeout.map(Duration::from_secs_f64),
+            stdin: cli.stdin != crate::cli::StdinMode::None,
+        };
+        mpi::run(command, &options, signals).await
+    })
 }
 
 /// Sends each rank to the spawner for its host: loopback names run locally,

@@ -28,12 +28,15 @@ SIGTERM; a second signal, or the grace period running out, sends SIGKILL.";
 #[derive(Parser, Debug, Clone)]
 #[command(name = "ringleader", version, after_help = AFTER_HELP, max_term_width = 100)]
 pub struct Cli {
-    /// Comma-separated hosts to run on; 127.0.0.1, localhost and ::1 run locally,
-    /// any other host (name, IP or user@host) through ssh.
-    #[arg(long, default_value = "127.0.0.1", help_heading = "Hosts")]
-    pub hosts: String,
+    /// Comma-separated hosts to run on, with ranges such as node[01-04] or n[1-3,7];
+    /// 127.0.0.1, localhost and ::1 run locally, any other host (name, IP or
+    /// user@host) through ssh [default: the Slurm allocation in SLURM_JOB_NODELIST
+    /// with SLURM_TASKS_PER_NODE ranks per node, else 127.0.0.1].
+    #[arg(long, value_name = "HOSTS", help_heading = "Hosts")]
+    pub hosts: Option<String>,
 
-    /// Number of ranks to start on each host.
+    /// Number of ranks to start on each host; inside a Slurm allocation, a value above 1
+    /// replaces Slurm's tasks per node.
     #[arg(short = 'n', long = "repeat-hosts", default_value_t = 1, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..), help_heading = "Hosts")]
     pub repeat_hosts: u32,
@@ -61,8 +64,9 @@ pub struct Cli {
     #[arg(long, default_value_t = 12345, value_name = "PORT", help_heading = "Backend")]
     pub nccl_port: u16,
 
-    /// Extra argument for mpirun, split like a shell would (mpi backend only; repeatable).
-    #[arg(long, value_name = "ARGS", help_heading = "Backend")]
+    /// Extra arguments for mpirun, split into words as a shell would split them
+    /// (mpi backend only; repeatable), such as --mpi-arg '--mca btl self,tcp'.
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true, help_heading = "Backend")]
     pub mpi_arg: Vec<String>,
 
     /// Set KEY=VALUE in every rank's environment; KEY alone forwards the launcher's own
@@ -221,7 +225,7 @@ mod tests {
     #[test]
     fn defaults_match_mlx_launch() {
         let cli = parse(&["true"]);
-        assert_eq!(cli.hosts, "127.0.0.1");
+        assert_eq!(cli.hosts, None);
         assert_eq!(cli.repeat_hosts, 1);
         assert_eq!(cli.starting_port, 32323);
         assert_eq!(cli.connections_per_ip, 1);

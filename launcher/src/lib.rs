@@ -7,6 +7,7 @@
 //! - [`hostlist`]: host ranges such as `node[01-04]` in lists and hostfiles.
 //! - [`slurm`]: the hosts of a Slurm allocation, from its environment.
 //! - [`plan`]: a pure function from hosts and options to one `RankSpec` per rank.
+//! - [`mpi`]: the mpi backend, a thin wrapper over Open MPI's mpirun.
 //! - [`preflight`]: checks before launch (directory, command, busy ring ports).
 //! - [`exec`]: the process transport; a `Spawner` starts one rank on one host.
 //! - [`supervisor`]: the event loop that runs, watches and tears down a job.
@@ -25,6 +26,7 @@ pub mod exec;
 pub mod exit;
 pub mod hostfile;
 pub mod hostlist;
+pub mod mpi;
 pub mod net;
 pub mod output;
 pub mod plan;

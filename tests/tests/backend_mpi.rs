@@ -1,0 +1,140 @@
+//! The mpi backend against the system's Open MPI: ranks, exit codes,
+//! option pass-through and teardown on a launcher signal.
+
+use std::time::Duration;
+
+use ringleader_tests::{finish, lines_of, read_until, ringleader, run, start, survivors_after, unique_marker};
+
+/// Open MPI refuses to run as root without this flag; the launcher never
+/// adds it on its own, so the tests pass it the way users would.
+fn root_args() -> Vec<&'static str> {
+    if nix::unistd::geteuid().is_root() {
+        vec!["--mpi-arg", "--allow-run-as-root"]
+    } else {
+        Vec::new()
+    }
+}
+
+fn mpi_launch(args: &[&str]) -> std::process::Command {
+    let mut all = vec!["--backend", "mpi"];
+    all.extend(root_args());
+    all.extend(args);
+    let mut command = ringleader(all);
+    command.env_remove("OMPI_ALLOW_RUN_AS_ROOT").env_remove("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM");
+    command
+}
+
+#[test]
+fn ranks_see_their_mpi_rank_env_and_cwd() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path().to_str().unwrap();
+    let script = r#"echo "rank=$OMPI_COMM_WORLD_RANK size=$OMPI_COMM_WORLD_SIZE value=$VALUE dir=$(pwd)""#;
+    let output = run(
+        &mut mpi_launch(&["-n", "3", "--cwd", cwd, "--env", "VALUE=two words", "--", "sh", "-c", script]),
+        b"",
+    );
+
+    assert_eq!(output.code(), Some(0), "{}", output.stderr_text());
+    let mut lines: Vec<String> = output.stdout_text().lines().map(str::to_string).collect();
+    lines.sort();
+    let expected: Vec<String> = (0..3)
+        .map(|rank| format!("rank={rank} size=3 value=two words dir={cwd}"))
+        .collect();
+    assert_eq!(lines, expected);
+}
+
+#[test]
+fn failing_rank_fails_the_launch_with_its_code() {
+    let script = r#"if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then exit 7; fi; exit 0"#;
+    let output = run(&mut mpi_launch(&["-n", "2", "--", "sh", "-c", script]), b"");
+
+    assert_eq!(output.code(), Some(7));
+    assert!(output.stderr_text().contains("ringleader: mpirun ended with exit code 7"), "{}", output.stderr_text());
+}
+
+#[test]
+fn mpi_args_are_split_like_a_shell() {
+    let output = run(
+        &mut mpi_launch(&["--mpi-arg", "-x 'QUOTED=a b' -x \"SECOND=c'd\"", "--", "sh", "-c", "echo \"$QUOTED|$SECOND\""]),
+        b"",
+    );
+
+    assert_eq!(output.code(), Some(0), "{}", output.stderr_text());
+    assert_eq!(output.stdout_text(), "a b|c'd\n");
+}
+
+#[test]
+fn sigterm_stops_mpirun_and_every_rank() {
+    let marker = unique_marker("mpi-sigterm");
+    let env = format!("TEST_MARKER={marker}");
+    let mut child = start(&mut mpi_launch(&[
+        "-n", "3", "--grace", "5", "--env", &env, "--", "sh", "-c", "echo up; exec sleep 60",
+    ]));
+    let mut lines = lines_of(child.stdout.take().unwrap());
+    read_until(&mut lines, "up", 3);
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let output = finish(child);
+
+    assert_eq!(output.code(), Some(143));
+    assert!(output.elapsed < Duration::from_secs(30), "took {:?}", output.elapsed);
+    assert_eq!(survivors_after(&marker, Duration::from_secs(10)), Vec::<u32>::new());
+}
+
+#[test]
+fn missing_mpirun_is_a_usage_error() {
+    let empty = tempfile::tempdir().unwrap();
+    let mut command = mpi_launch(&["--", "true"]);
+    command.env("PATH", empty.path());
+    let output = run(&mut command, b"");
+
+    assert_eq!(output.code(), Some(2));
+    assert!(output.stderr_text().contains("mpirun not found in PATH"), "{}", output.stderr_text());
+    assert!(output.stderr_text().contains("apt-get install openmpi-bin"), "{}", output.stderr_text());
+}
+
+#[test]
+fn root_without_permission_is_told_how() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipped: Open MPI's root check applies only to root");
+        return;
+    }
+    let mut command = ringleader(["--backend", "mpi", "--", "true"]);
+    command.env_remove("OMPI_ALLOW_RUN_AS_ROOT").env_remove("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM");
+    let output = run(&mut command, b"");
+
+    assert_eq!(output.code(), Some(2));
+    assert!(output.stderr_text().contains("--mpi-arg --allow-run-as-root"), "{}", output.stderr_text());
+}
+
+#[test]
+fn dry_run_shows_the_mpirun_command_and_hostfile() {
+    let output = run(
+        &mut ringleader([
+            "--backend", "mpi", "--hosts", "n[1-2],n1", "-n", "2", "--cwd", "/srv", "--env", "A=1",
+            "--mpi-arg", "--bind-to none", "--dry-run", "--json", "--", "python3", "train.py",
+        ]),
+        b"",
+    );
+
+    assert_eq!(output.code(), Some(0), "{}", output.stderr_text());
+    let plan: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(plan["backend"], "mpi");
+    assert_eq!(plan["mpi_hostfile"], "n1 slots=4\nn2 slots=2\n");
+    let argv: Vec<&str> = plan["mpirun"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert!(argv[0].ends_with("/mpirun"), "{argv:?}");
+    let tail = ["-x", "A=1", "--bind-to", "none", "--", "python3", "train.py"];
+    assert_eq!(&argv[argv.len() - tail.len()..], tail);
+    assert!(argv.windows(2).any(|pair| pair == ["--wdir", "/srv"]), "{argv:?}");
+    let hostfile_at = argv.iter().position(|a| *a == "--hostfile").expect("--hostfile is passed");
+    assert_eq!(argv[hostfile_at + 1], "HOSTFILE");
+}
+
+#[test]
+fn unsupported_output_options_are_rejected() {
+    for option in ["--tag-output", "--output-dir=/tmp/x"] {
+        let output = run(&mut ringleader(["--backend", "mpi", option, "--", "true"]), b"");
+        assert_eq!(output.code(), Some(2), "{option}");
+        assert!(output.stderr_text().contains("the mpi backend does not support"), "{option}: {}", output.stderr_text());
+    }
+}
