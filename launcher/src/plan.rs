@@ -27,7 +27,7 @@ pub struct PlanOptions {
     pub starting_port: u16,
     pub connections_per_ip: u32,
     pub nccl_port: u16,
-    /// Ranks per host given with `-n`, which the nccl backend uses to pick a GPU.
+    /// Ranks per host given with `-n`.
     pub repeat_hosts: u32,
     pub verbose: bool,
     pub stdin: StdinMode,
@@ -104,7 +104,8 @@ pub fn build(
         }
         Backend::Nccl => {
             let coordinator = coordinator_ip(hosts, "nccl")?;
-            master_port = options.nccl_port as u32;
+            // NCCL's coordinator takes nccl_port, so frameworks get the next one.
+            master_port = options.nccl_port as u32 + 1;
             if options.verbose {
                 shared_env.push(("NCCL_DEBUG".into(), "INFO".into()));
             }
@@ -143,8 +144,10 @@ pub fn build(
         let mut env = user_env.clone();
         env.extend(shared_env.iter().cloned());
         if options.backend == Backend::Nccl {
-            let gpu = rank % options.repeat_hosts.max(1) as usize;
-            env.push(("CUDA_VISIBLE_DEVICES".into(), gpu.to_string()));
+            // mlx.launch 0.32 picks `rank % -n`, which gives every rank GPU 0
+            // when a hostfile lists one host several times; the rank's index
+            // on its host is the same for `--hosts ... -n` and right for both.
+            env.push(("CUDA_VISIBLE_DEVICES".into(), local_rank.to_string()));
         }
         env.extend([
             ("MLX_RANK".to_string(), rank.to_string()),
@@ -241,6 +244,14 @@ fn check_rdma_table(hosts: &[Host], ring: bool) -> Result<(), PlanError> {
             host.rdma.len()
         )));
     }
+    for (i, host) in hosts.iter().enumerate() {
+        if let Some((j, entry)) = host.rdma.iter().enumerate().find(|(_, entry)| !is_rdma_entry(entry)) {
+            return Err(PlanError::Rdma(format!(
+                "host {i} ({}) RDMA entry {j} must be a device name, a list of device names or null, got {entry}",
+                host.ssh
+            )));
+        }
+    }
     if let Some((i, host)) = hosts.iter().enumerate().find(|(i, h)| !h.rdma[*i].is_null()) {
         return Err(PlanError::Rdma(format!(
             "host {i} ({}) must list null as its own RDMA device (entry {i})",
@@ -269,6 +280,17 @@ fn check_rdma_table(hosts: &[Host], ring: bool) -> Result<(), PlanError> {
         return Err(PlanError::Rdma(format!("no RDMA device is listed for {pairs}")));
     }
     Ok(())
+}
+
+/// Returns whether `entry` is `null`, a device name, or a non-empty list of
+/// device names (one per connection), the forms mlx.distributed_config writes.
+fn is_rdma_entry(entry: &Value) -> bool {
+    let is_name = |value: &Value| value.as_str().is_some_and(|name| !name.is_empty());
+    match entry {
+        Value::Null => true,
+        Value::Array(names) => !names.is_empty() && names.iter().all(is_name),
+        other => is_name(other),
+    }
 }
 
 /// Returns the rank's index among the ranks on its host and how many ranks that host runs.

@@ -227,12 +227,34 @@ fn jaccl_environment_matches_mlx_launch() {
 }
 
 #[test]
+fn nccl_gpu_is_the_rank_index_on_its_host() {
+    let hosts = hostfile(r#"[{"ssh": "a", "ips": ["10.0.0.1"]}, {"ssh": "b"}, {"ssh": "a"}, {"ssh": "b"}]"#);
+    let plan = build(&hosts, &options(Backend::Nccl), &no_env).unwrap();
+    let gpus: Vec<String> = plan.ranks.iter().map(|spec| env_of(spec, "CUDA_VISIBLE_DEVICES").unwrap()).collect();
+    assert_eq!(gpus, ["0", "0", "1", "1"]);
+}
+
+#[test]
+fn jaccl_accepts_device_lists_per_peer() {
+    let hosts = hostfile(
+        r#"[{"ssh": "a", "ips": ["10.0.0.1"], "rdma": [null, ["rdma_en2", "rdma_en3"]]},
+            {"ssh": "b", "rdma": [["rdma_en2", "rdma_en3"], null]}]"#,
+    );
+    let plan = build(&hosts, &options(Backend::Jaccl), &no_env).unwrap();
+    assert_eq!(plan.ranks[0].files[0].contents, r#"[[null,["rdma_en2","rdma_en3"]],[["rdma_en2","rdma_en3"],null]]"#);
+}
+
+#[test]
 fn jaccl_table_errors() {
     let cases = [
         (r#"[{"ssh": "a", "ips": ["10.0.0.1"], "rdma": [null]}, {"ssh": "b", "rdma": ["x", null]}]"#, "lists 1 RDMA devices"),
         (r#"[{"ssh": "a", "ips": ["10.0.0.1"], "rdma": ["x", "y"]}, {"ssh": "b", "rdma": ["x", null]}]"#, "must list null as its own"),
         (r#"[{"ssh": "a", "ips": ["10.0.0.1"], "rdma": [null, null]}, {"ssh": "b", "rdma": ["x", null]}]"#, "no RDMA device is listed for a to b"),
         (r#"[{"ssh": "a", "rdma": [null, "y"]}, {"ssh": "b", "rdma": ["x", null]}]"#, "needs an IP address for rank 0"),
+        (r#"[{"ssh": "a", "ips": ["10.0.0.1"], "rdma": [null, 5]}, {"ssh": "b", "rdma": ["x", null]}]"#, "host 0 (a) RDMA entry 1 must be a device name, a list of device names or null, got 5"),
+        (r#"[{"ssh": "a", "ips": ["10.0.0.1"], "rdma": [null, "y"]}, {"ssh": "b", "rdma": [[], null]}]"#, "host 1 (b) RDMA entry 0 must be a device name"),
+        (r#"[{"ssh": "a", "ips": ["10.0.0.1"], "rdma": [null, "y"]}, {"ssh": "b", "rdma": [["x", ""], null]}]"#, "host 1 (b) RDMA entry 0"),
+        (r#"[{"ssh": "a", "ips": ["10.0.0.1"], "rdma": [null, ""]}, {"ssh": "b", "rdma": ["x", null]}]"#, "host 0 (a) RDMA entry 1"),
     ];
     for (text, expected) in cases {
         let error = build(&hostfile(text), &options(Backend::Jaccl), &no_env).unwrap_err().to_string();
