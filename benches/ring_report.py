@@ -2,11 +2,11 @@
 
 Usage: python ring_report.py OUT_DIR
 
-Reads OUT_DIR/results.csv, OUT_DIR/iperf3-*.json and OUT_DIR/machine.txt and
-prints one table per rank count and connection count, with ringleader's and
-MLX's all_sum side by side, then the targets: bus bandwidth at least 1.25x
-MLX's from 1 MiB up, latency at 4 KiB at most MLX's, and large-buffer bus
-bandwidth against the loopback ceiling.
+Reads OUT_DIR/results.csv, OUT_DIR/iperf3-*.json and OUT_DIR/machine.txt. Prints
+one table per rank count and connection count, with ringleader's and MLX's
+all_sum side by side. Then lists the targets that were missed (bus bandwidth
+below 1.25x MLX's from 1 MiB up, latency above MLX's at 4 KiB) and the
+largest buffer's bus bandwidth against the loopback ceiling.
 """
 
 import csv
@@ -60,7 +60,9 @@ def main():
             if not ours or not mlx:
                 continue
             ours_bw, mlx_bw = float(ours["busbw_GBps"]), float(mlx["busbw_GBps"])
-            ratio = ours_bw / mlx_bw if mlx_bw > 0 else float("inf")
+            # Same bytes on both sides, so the bandwidth ratio is the time
+            # ratio, which keeps its precision where MLX's busbw rounds to 0.
+            ratio = float(mlx["time_us"]) / float(ours["time_us"])
             checks = "" if ours["check"] == mlx["check"] == "ok" else " (WRONG result)"
             print(
                 f"| {human(nbytes)} | {float(ours['time_us']):.1f} | {float(mlx['time_us']):.1f} | "

@@ -49,12 +49,11 @@ pub fn launcher_bin(name: &str) -> PathBuf {
 }
 
 /// Returns the path of the Rust interop rank
-/// (tests/examples/ring_interop_rank.rs), built in release mode once per
-/// test process.
+/// (tests/examples/ring_interop_rank.rs), built once per test process.
 pub fn interop_rank_bin() -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| cargo_build(&["-p", "ringleader-tests", "--release", "--example", "ring_interop_rank"]));
-    target_dir().join("release/examples/ring_interop_rank")
+    BUILT.get_or_init(|| cargo_build(&["-p", "ringleader-tests", "--example", "ring_interop_rank"]));
+    target_dir().join("debug/examples/ring_interop_rank")
 }
 
 /// Picks a first ring port for one job, so that concurrent tests and test
