@@ -73,6 +73,8 @@ struct Supervisor {
     /// When to give up waiting for killed ranks, once SIGKILL went out.
     give_up_at: Option<Instant>,
     options: SupervisorOptions,
+    /// The rank the planted bug of [`supervise_with_planted_bug`] never signals.
+    forgotten: Option<usize>,
 }
 
 /// Runs the job described by `ranks` to completion and returns its report.
@@ -83,6 +85,20 @@ pub async fn supervise(
     options: SupervisorOptions,
     io: LauncherIo,
 ) -> Report {
+    supervise_with_planted_bug(ranks, spawner, options, io, None).await
+}
+
+/// [`supervise`] with a deliberate defect, for the simulator's test that its
+/// seed sweep finds and shrinks a real teardown bug: the supervisor never
+/// signals rank `forget_rank`. Not reachable from the `ringleader` command line.
+#[doc(hidden)]
+pub async fn supervise_with_planted_bug(
+    ranks: &[RankSpec],
+    spawner: Arc<dyn Spawner>,
+    options: SupervisorOptions,
+    io: LauncherIo,
+    forget_rank: Option<usize>,
+) -> Report {
     let LauncherIo { stdout, stderr, stdin, mut signals } = io;
     let labels = options.tag_output.then(|| tag_labels(ranks));
     let (stdout_writer, stdout_done) = output::start_writer(stdout, labels.clone());
@@ -91,6 +107,7 @@ pub async fn supervise(
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let stdin_registry = stdin::start_broadcast(stdin, ranks.iter().any(|r| r.stdin));
     let mut supervisor = Supervisor::new(ranks, options.clone());
+    supervisor.forgotten = forget_rank;
     for spec in ranks {
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         supervisor.controls.push(control_tx);
@@ -172,6 +189,7 @@ impl Supervisor {
             kill_at: None,
             give_up_at: None,
             options,
+            forgotten: None,
         }
     }
 
@@ -241,7 +259,7 @@ impl Supervisor {
             _ => RankSignal::Terminate,
         };
         for (rank, report) in self.reports.iter_mut().enumerate() {
-            if report.is_alive() {
+            if report.is_alive() && self.forgotten != Some(rank) {
                 report.stopped_by = Some(cause);
                 let _ = self.controls[rank].send(signal);
             }
@@ -251,7 +269,7 @@ impl Supervisor {
 
     fn kill_all(&mut self) {
         for (rank, report) in self.reports.iter_mut().enumerate() {
-            if report.is_alive() {
+            if report.is_alive() && self.forgotten != Some(rank) {
                 tracing::info!(rank, "sending SIGKILL");
                 report.killed = true;
                 let _ = self.controls[rank].send(RankSignal::Kill);

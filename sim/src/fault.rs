@@ -1,0 +1,198 @@
+//! Faults and fault schedules: what the driver loop does to the cluster,
+//! and when. A schedule is derived from a seed or read from a JSON file.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// One end of a link: the launcher or host `N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Node {
+    Launcher,
+    Host(usize),
+}
+
+impl Node {
+    /// The turmoil host name.
+    pub fn name(self) -> String {
+        match self {
+            Node::Launcher => "launcher".to_string(),
+            Node::Host(index) => host_name(index),
+        }
+    }
+}
+
+/// The turmoil host name of host `index`.
+pub fn host_name(index: usize) -> String {
+    format!("host{index}")
+}
+
+/// Something that goes wrong.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Fault {
+    /// Every process on the host dies; the agent stops listening.
+    CrashHost { host: usize },
+    /// The host's software restarts (a crashed host comes back up).
+    BounceHost { host: usize },
+    /// Messages between the two nodes are dropped.
+    Partition { a: Node, b: Node },
+    /// Undoes a partition.
+    Repair { a: Node, b: Node },
+    /// Messages between the two nodes wait until released.
+    Hold { a: Node, b: Node },
+    Release { a: Node, b: Node },
+    /// Fixed message latency on the link, in milliseconds.
+    Latency { a: Node, b: Node, ms: u64 },
+    /// SIGKILL to the rank's process group from outside the launcher.
+    KillRank { rank: usize },
+    /// The rank exits with `code` at once.
+    ExitRank { rank: usize, code: i32 },
+    /// The launcher receives SIGINT.
+    InterruptLauncher,
+    /// The launcher receives SIGTERM.
+    TerminateLauncher,
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", serde_json::to_string(self).expect("a fault serializes"))
+    }
+}
+
+/// A fault and the simulated time it happens at.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimedFault {
+    pub at_ms: u64,
+    #[serde(flatten)]
+    pub fault: Fault,
+}
+
+/// Everything needed to replay a run: scenario, seed and faults.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Schedule {
+    pub scenario: String,
+    pub seed: u64,
+    /// Set in a schedule that reproduces the planted supervisor bug.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub planted_bug: bool,
+    pub faults: Vec<TimedFault>,
+}
+
+/// Which faults a scenario's random schedules may contain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultMix {
+    /// At least this many faults per run.
+    pub min_faults: usize,
+    /// At most this many faults per run.
+    pub max_faults: usize,
+    /// Faults happen in `[0, horizon_ms)`.
+    pub horizon_ms: u64,
+    pub hosts: bool,
+    pub links: bool,
+    pub ranks: bool,
+    pub launcher_signals: bool,
+}
+
+impl FaultMix {
+    pub const NONE: FaultMix =
+        FaultMix { min_faults: 0, max_faults: 0, horizon_ms: 0, hosts: false, links: false, ranks: false, launcher_signals: false };
+}
+
+/// A small, fast, seedable generator (SplitMix64), so schedules depend on
+/// nothing but the seed.
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..bound` (`bound` > 0).
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.next_u64() % bound
+    }
+}
+
+/// Draws a random schedule for a cluster of `hosts` hosts (one rank each).
+pub fn random_faults(seed: u64, hosts: usize, mix: FaultMix) -> Vec<TimedFault> {
+    // Distinct from the seed turmoil gets, so the two streams are unrelated.
+    let mut rng = SplitMix64::new(seed ^ 0x5EED_FA17);
+    let spread = mix.max_faults.saturating_sub(mix.min_faults) as u64;
+    let count = mix.min_faults + rng.below(spread + 1) as usize;
+    let mut kinds: Vec<u8> = Vec::new();
+    if mix.hosts {
+        kinds.extend([0, 1]);
+    }
+    if mix.links {
+        kinds.extend([2, 3, 4]);
+    }
+    if mix.ranks {
+        kinds.extend([5, 6]);
+    }
+    if mix.launcher_signals {
+        kinds.push(7);
+    }
+    if kinds.is_empty() {
+        return Vec::new();
+    }
+
+    let mut faults = Vec::new();
+    for _ in 0..count {
+        let at_ms = rng.below(mix.horizon_ms.max(1));
+        let host = rng.below(hosts as u64) as usize;
+        let peer = random_peer(&mut rng, hosts, host);
+        let later = at_ms + 100 + rng.below(1500);
+        match kinds[rng.below(kinds.len() as u64) as usize] {
+            0 => faults.push(TimedFault { at_ms, fault: Fault::CrashHost { host } }),
+            1 => {
+                faults.push(TimedFault { at_ms, fault: Fault::CrashHost { host } });
+                faults.push(TimedFault { at_ms: later, fault: Fault::BounceHost { host } });
+            }
+            2 => {
+                let (a, b) = (Node::Host(host), peer);
+                faults.push(TimedFault { at_ms, fault: Fault::Partition { a, b } });
+                faults.push(TimedFault { at_ms: later, fault: Fault::Repair { a, b } });
+            }
+            3 => {
+                let (a, b) = (Node::Host(host), peer);
+                faults.push(TimedFault { at_ms, fault: Fault::Hold { a, b } });
+                faults.push(TimedFault { at_ms: later, fault: Fault::Release { a, b } });
+            }
+            4 => {
+                let ms = 1 + rng.below(200);
+                faults.push(TimedFault { at_ms, fault: Fault::Latency { a: Node::Host(host), b: peer, ms } });
+            }
+            5 => faults.push(TimedFault { at_ms, fault: Fault::KillRank { rank: host } }),
+            6 => {
+                let code = 1 + rng.below(120) as i32;
+                faults.push(TimedFault { at_ms, fault: Fault::ExitRank { rank: host, code } });
+            }
+            _ => {
+                let fault = if rng.below(2) == 0 { Fault::InterruptLauncher } else { Fault::TerminateLauncher };
+                faults.push(TimedFault { at_ms, fault });
+            }
+        }
+    }
+    faults.sort_by_key(|f| f.at_ms);
+    faults
+}
+
+/// The launcher or another host, never `host` itself.
+fn random_peer(rng: &mut SplitMix64, hosts: usize, host: usize) -> Node {
+    let pick = rng.below(hosts as u64) as usize;
+    if pick == host {
+        Node::Launcher
+    } else {
+        Node::Host(pick)
+    }
+}

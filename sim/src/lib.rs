@@ -1,0 +1,54 @@
+//! ringleader-sim: a deterministic simulated cluster in which the unchanged
+//! launcher supervisor and ring backend run against simulated hosts, so a
+//! race found once replays forever from its seed.
+//!
+//! Concept map, from the bottom up:
+//!
+//! - [`net`]: [`SimNet`](net::SimNet), the launcher's byte-stream traits over turmoil TCP.
+//! - [`wire`]: the frames between the launcher's spawner and a host's agent.
+//! - [`process`]: simulated processes: rank programs as tasks, process groups, pipes, signals.
+//! - [`programs`]: the rank programs scenarios run (`ring-loop`, `flood`, `hang`, ...).
+//! - [`agent`]: the simulated sshd on every host.
+//! - [`spawner`]: [`SimSpawner`](spawner::SimSpawner), the launcher's `Spawner` against the agents.
+//! - [`fault`]: faults and schedules, random from a seed or from a JSON file.
+//! - [`scenario`]: named scenarios.
+//! - [`log`]: the recorded event log.
+//! - [`cluster`]: one run: the turmoil world, the fault driver loop, the checks.
+//! - [`check`]: the invariants checked after every run.
+//! - [`sweep`]: many seeds, shrinking and the determinism check.
+//!
+//! # Determinism
+//!
+//! Everything in a run depends on the seed alone, except one thing outside
+//! this crate: tokio picks the branch order of `select!` with a random
+//! generator that only `--cfg tokio_unstable` builds let turmoil seed. Build
+//! with `RUSTFLAGS="--cfg tokio_unstable"` (as `benches/sim.sh` does) for
+//! bit-identical replays; [`DETERMINISTIC`] says how this build was made.
+//!
+//! # Limitations
+//!
+//! - One rank per simulated host.
+//! - A crashed host's sockets close like those of killed processes (peers
+//!   see FIN or RST), because turmoil drops the host's tasks with their
+//!   sockets; a silent crash is a crash plus a partition.
+//! - Rank files exist only as strings in the rank's context, not on a file system.
+
+pub mod agent;
+pub mod check;
+pub mod cluster;
+pub mod fault;
+pub mod log;
+pub mod net;
+pub mod process;
+pub mod programs;
+pub mod scenario;
+pub mod spawner;
+pub mod sweep;
+pub mod wire;
+
+/// Whether this build seeds tokio's `select!` order, which bit-identical
+/// replays need (see the crate documentation).
+pub const DETERMINISTIC: bool = cfg!(tokio_unstable);
+
+/// The environment variable `run` and the tests take the seed from.
+pub const SEED_VAR: &str = "RINGLEADER_SIM_SEED";
