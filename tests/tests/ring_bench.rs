@@ -63,3 +63,67 @@ fn bench_help_explains_usage_and_units() {
         assert!(finished.stdout.contains(expected), "--help lacks {expected:?}");
     }
 }
+
+/// Starts rank `rank` of a three-rank `ringleader-bench` job directly (no
+/// launcher, so that nothing tears the survivors down on our behalf).
+fn start_bench_rank(rank: usize, hostfile: &std::path::Path) -> std::process::Child {
+    Command::new(launcher_bin("ringleader-bench"))
+        .args(["-b", "64M", "-e", "64M", "-o", "all-sum", "-n", "100000"])
+        .env("MLX_RANK", rank.to_string())
+        .env("MLX_HOSTFILE", hostfile)
+        .env("RINGLEADER_RING_CONNECT_TIMEOUT", "30")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ringleader-bench starts")
+}
+
+#[test]
+fn bench_survivors_exit_when_rank_is_killed() {
+    use std::io::{BufRead, Read};
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let base = port_base();
+    let hostfile = dir.path().join("hosts.json");
+    let table: Vec<String> = (0..3).map(|r| format!(r#"["127.0.0.1:{}"]"#, base + r)).collect();
+    std::fs::write(&hostfile, format!("[{}]", table.join(","))).unwrap();
+
+    let mut ranks: Vec<_> = (0..3).map(|rank| start_bench_rank(rank, &hostfile)).collect();
+
+    // Rank 0 prints its header after a barrier, so every rank has joined the
+    // ring; from then on each one spends nearly all its time in all_sum.
+    let stdout = ranks[0].stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let header = lines.next().expect("rank 0 prints a header").unwrap();
+    println!("rank 0: {header}");
+    assert!(header.contains("3 ranks"), "{header}");
+
+    ranks[1].kill().unwrap();
+    let killed_at = Instant::now();
+    ranks[1].wait().unwrap();
+
+    // Survivors must fail on their own, promptly, and say which peer went.
+    const NOTICE_LIMIT: Duration = Duration::from_secs(20);
+    for rank in [0, 2] {
+        let status = loop {
+            if let Some(status) = ranks[rank].try_wait().unwrap() {
+                break status;
+            }
+            if killed_at.elapsed() > NOTICE_LIMIT {
+                for child in &mut ranks {
+                    let _ = child.kill();
+                }
+                panic!("rank {rank} still runs {NOTICE_LIMIT:?} after rank 1 was killed");
+            }
+            // Polling interval; NOTICE_LIMIT bounds the wait.
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        ranks[rank].stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        println!("rank {rank} ({status:?}) after {:?}: {stderr}", killed_at.elapsed());
+        assert_eq!(status.code(), Some(3), "rank {rank} exit status");
+        assert!(stderr.contains("lost the connection to rank"), "rank {rank}: {stderr}");
+    }
+}

@@ -241,6 +241,9 @@ async fn run<T: BenchValue>(group: &mut Group, args: &Args) -> Result<bool, Ring
     let mut buffer: Vec<T> = vec![T::zeroed(); max_count];
     let mut gather_input: Vec<T> = Vec::new();
 
+    // Every rank has joined once the barrier returns, so the header also
+    // tells a watching script that the ring is complete.
+    group.barrier().await?;
     if rank == 0 {
         print_header(group, args);
     }
