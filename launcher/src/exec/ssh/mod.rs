@@ -46,6 +46,7 @@
 //! - The remote host needs `/bin/sh`, `mktemp`, `dd`, `mv`, `rm`, `sleep`,
 //!   and `setsid` or `perl`.
 
+mod args;
 mod connection;
 mod quote;
 pub mod script;
@@ -56,6 +57,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use args::SshArgs;
 pub use quote::{sh_quote, validate_host, InvalidHost};
 
 use super::{BoxFuture, RankSpec, SpawnError, Spawned, Spawner};
