@@ -1,5 +1,6 @@
-//! The command-line flags of the ssh transport, ready to flatten into the
-//! launcher's clap parser with `#[command(flatten)]`.
+//! The command-line flags of the ssh transport, ready to flatten into a clap
+//! parser with `#[command(flatten)]`. Flag names match the ones the main
+//! `ringleader` command line uses for the same settings.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,23 +22,23 @@ pub struct SshArgs {
 
     /// Add unknown host keys to known_hosts (StrictHostKeyChecking=accept-new).
     /// Changed host keys are still rejected.
-    #[arg(long, help_heading = "SSH")]
+    #[arg(long = "accept-new-host-keys", help_heading = "SSH")]
     pub ssh_accept_new_host_keys: bool,
 
     /// Seconds ssh may take to connect to a host (ssh's ConnectTimeout).
-    #[arg(long, default_value_t = 10.0, value_name = "SECONDS", value_parser = parse_positive_seconds,
-          help_heading = "SSH")]
+    #[arg(long = "connect-timeout", default_value_t = 10.0, value_name = "SECONDS",
+          value_parser = parse_positive_seconds, help_heading = "SSH")]
     pub ssh_connect_timeout: f64,
 
     /// Seconds between keepalives, both ssh's own and the launcher's
     /// heartbeat to each host.
-    #[arg(long, default_value_t = 5.0, value_name = "SECONDS", value_parser = parse_positive_seconds,
-          help_heading = "SSH")]
+    #[arg(long = "keepalive", default_value_t = 5.0, value_name = "SECONDS",
+          value_parser = parse_positive_seconds, help_heading = "SSH")]
     pub ssh_keepalive: f64,
 
     /// Missed keepalives after which ssh drops the connection and the remote
     /// host stops its ranks.
-    #[arg(long, default_value_t = 3, value_name = "N",
+    #[arg(long = "keepalive-count", default_value_t = 3, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..), help_heading = "SSH")]
     pub ssh_keepalive_count: u32,
 
@@ -137,12 +138,12 @@ mod tests {
             "ProxyJump=bastion",
             "--ssh-option",
             "Ciphers=aes128-gcm@openssh.com",
-            "--ssh-accept-new-host-keys",
-            "--ssh-connect-timeout",
+            "--accept-new-host-keys",
+            "--connect-timeout",
             "2.5",
-            "--ssh-keepalive",
+            "--keepalive",
             "1",
-            "--ssh-keepalive-count",
+            "--keepalive-count",
             "7",
             "--ssh-no-multiplex",
             "--ssh-max-sessions",
@@ -173,9 +174,9 @@ mod tests {
     #[test]
     fn invalid_values_are_rejected() {
         for args in [
-            ["--ssh-connect-timeout", "0"],
-            ["--ssh-keepalive", "-1"],
-            ["--ssh-keepalive-count", "0"],
+            ["--connect-timeout", "0"],
+            ["--keepalive", "-1"],
+            ["--keepalive-count", "0"],
             ["--ssh-max-sessions", "0"],
         ] {
             let parsed = Cli::try_parse_from(["ringleader", args[0], args[1]]);
