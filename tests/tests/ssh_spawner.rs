@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::sshd::drive::{options, run_to_end, spec};
 use common::sshd::{
-    processes, Sshd, CLOSED_PORT_ALIAS, HOST_ALIASES, UNAUTHORIZED_KEY_ALIAS,
+    processes, Sshd, BUSY_CONFIG_ALIAS, CLOSED_PORT_ALIAS, HOST_ALIASES, UNAUTHORIZED_KEY_ALIAS,
     UNKNOWN_HOST_KEY_ALIAS, USER_MULTIPLEX_ALIAS,
 };
 use ringleader::exec::ssh::{SshOptions, SshSpawner};
@@ -483,6 +483,24 @@ async fn hostfile_port_overrides_the_config() {
     let output = run_echo(options(&sshd), CLOSED_PORT_ALIAS, target).await;
 
     assert_eq!(output.expect("port from the hostfile used"), "reached\n");
+}
+
+/// A RemoteCommand would replace the rank's command, and a LocalForward
+/// would fail to bind for every session after the first.
+#[tokio::test]
+async fn remote_command_and_forwardings_in_config_are_ignored() {
+    let sshd = Sshd::start();
+    let spawner = SshSpawner::new(options(&sshd)).unwrap();
+    let specs: Vec<_> = (0..3)
+        .map(|rank| spec(rank, BUSY_CONFIG_ALIAS, &["echo", "reached"]))
+        .collect();
+
+    let started = futures_join_all(specs.iter().map(|spec| spawner.spawn(spec))).await;
+
+    for spawned in started {
+        let finished = run_to_end(spawned.expect("rank starts")).await;
+        assert_eq!(finished.stdout_text(), "reached\n");
+    }
 }
 
 #[tokio::test]

@@ -27,6 +27,9 @@ pub const CLOSED_PORT_ALIAS: &str = "closed-port";
 pub const WRONG_HOST_KEY_ALIAS: &str = "wrong-hostkey";
 /// An alias that offers a client key the sshd does not accept.
 pub const UNAUTHORIZED_KEY_ALIAS: &str = "unauthorized-key";
+/// An alias whose config sets a RemoteCommand and a LocalForward that must
+/// fail when bound twice, as an interactive-login config might.
+pub const BUSY_CONFIG_ALIAS: &str = "busy-config";
 /// An alias whose known_hosts file starts empty.
 pub const UNKNOWN_HOST_KEY_ALIAS: &str = "unknown-hostkey";
 /// An alias whose config sets its own ControlMaster and ControlPath
@@ -300,11 +303,15 @@ Host {UNAUTHORIZED_KEY_ALIAS}
   IdentityFile {path}/unauthorized_key
 Host {UNKNOWN_HOST_KEY_ALIAS}
   UserKnownHostsFile {path}/empty_known_hosts
+Host {BUSY_CONFIG_ALIAS}
+  RemoteCommand echo remote-command-ran
+  LocalForward 127.0.0.1:{forward_port} 127.0.0.1:9
+  ExitOnForwardFailure yes
 Host {USER_MULTIPLEX_ALIAS}
   ControlMaster auto
   ControlPath {path}/user-mux-%C
   ControlPersist no
-Host host-* {WRONG_HOST_KEY_ALIAS} {CLOSED_PORT_ALIAS} {USER_MULTIPLEX_ALIAS} {UNKNOWN_HOST_KEY_ALIAS}
+Host host-* {WRONG_HOST_KEY_ALIAS} {CLOSED_PORT_ALIAS} {USER_MULTIPLEX_ALIAS} {UNKNOWN_HOST_KEY_ALIAS} {BUSY_CONFIG_ALIAS}
   IdentityFile {path}/client_key
 Host *
   HostName 127.0.0.1
@@ -317,7 +324,8 @@ Host *
   StrictHostKeyChecking yes
   CheckHostIP no
 ",
-        user = user_name()
+        user = user_name(),
+        forward_port = free_port(),
     );
     fs::write(dir.join("ssh_config"), config).expect("write ssh_config");
 }

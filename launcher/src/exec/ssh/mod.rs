@@ -138,6 +138,10 @@ impl SshOptions {
             push_option(&mut args, option);
         }
         push_option(&mut args, "BatchMode=yes");
+        // A RemoteCommand or port forwardings from the user's config would
+        // replace the rank's command or clash between the many sessions.
+        push_option(&mut args, "RemoteCommand=none");
+        push_option(&mut args, "ClearAllForwardings=yes");
         push_option(
             &mut args,
             &format!("ConnectTimeout={}", whole_seconds(self.connect_timeout)),
