@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cli::{Backend, Cli};
+use crate::cli::{Backend, Cli, ConfigCli, DoctorCli, Over};
+use crate::distconfig;
+use crate::doctor::{self, DoctorOptions};
 use crate::exec::local::LocalSpawner;
 use crate::exec::ssh::{SshOptions, SshSpawner};
 use crate::exec::{BoxFuture, RankSpec, SpawnError, Spawned, Spawner};
@@ -94,18 +96,13 @@ async fn launch(cli: &Cli, plan: &LaunchPlan) -> i32 {
         output_dir: cli.output_dir.clone(),
         kill_confirm: Duration::from_secs(10),
     };
-    let remote = if plan.ranks.iter().any(|r| !is_local_name(&r.host)) {
-        match SshSpawner::new(ssh_options(cli)) {
-            Ok(spawner) => Some(spawner),
-            Err(error) => {
-                eprintln!("ringleader: error: cannot set up the ssh transport: {error}");
-                return exit::FAILURE;
-            }
+    let spawner = match HostSpawner::for_hosts(plan.ranks.iter().map(|r| r.host.as_str()), ssh_options(cli)) {
+        Ok(spawner) => Arc::new(spawner),
+        Err(error) => {
+            eprintln!("ringleader: error: cannot set up the ssh transport: {error}");
+            return exit::FAILURE;
         }
-    } else {
-        None
     };
-    let spawner = Arc::new(HostSpawner { local: LocalSpawner, remote });
     let report = supervisor::supervise(&plan.ranks, spawner.clone(), options, io).await;
     if let Some(remote) = &spawner.remote {
         for rank in remote.unconfirmed_ranks() {
@@ -144,23 +141,7 @@ pub fn prepare(cli: &Cli) -> Result<LaunchPlan, LaunchError> {
 /// Reads the hosts from `--hostfile`, `--hosts` or a Slurm allocation (in
 /// that order), and picks the backend: `--backend`, else the hostfile's, else ring.
 fn load_hosts(cli: &Cli) -> Result<(Hostfile, Backend), LaunchError> {
-    let repeats = cli.repeat_hosts as usize;
-    let allocation = match (&cli.hostfile, &cli.hosts) {
-        (None, None) => slurm::allocation(&|key| std::env::var(key).ok())?,
-        _ => None,
-    };
-    let mut hostfile = match (&cli.hostfile, allocation) {
-        (Some(path), _) => {
-            let mut hostfile = Hostfile::from_path(path)?;
-            hostfile.repeat(repeats);
-            hostfile
-        }
-        (None, Some(nodes)) => {
-            tracing::debug!(nodes = nodes.len(), "taking the hosts from the Slurm allocation");
-            Hostfile::from_allocation(nodes, (repeats > 1).then_some(repeats))?
-        }
-        (None, None) => Hostfile::from_list(cli.hosts.as_deref().unwrap_or(DEFAULT_HOSTS), repeats)?,
-    };
+    let mut hostfile = read_hosts(cli.hostfile.as_deref(), cli.hosts.as_deref(), cli.repeat_hosts as usize)?;
     let backend = match (cli.backend, hostfile.backend.take()) {
         (Some(backend), _) => backend,
         (None, Some(name)) => Backend::parse(&name).ok_or(LaunchError::UnknownBackend { name })?,
@@ -170,6 +151,25 @@ fn load_hosts(cli: &Cli) -> Result<(Hostfile, Backend), LaunchError> {
         return Err(LaunchError::EmptyCommand);
     }
     Ok((hostfile, backend))
+}
+
+/// Reads the hosts from a hostfile, else a `--hosts` list, else the Slurm
+/// allocation, else [`DEFAULT_HOSTS`]; each host is repeated `repeats` times
+/// (Slurm's own task counts apply when `repeats` is 1).
+pub fn read_hosts(hostfile: Option<&Path>, hosts: Option<&str>, repeats: usize) -> Result<Hostfile, LaunchError> {
+    if let Some(path) = hostfile {
+        let mut hostfile = Hostfile::from_path(path)?;
+        hostfile.repeat(repeats);
+        return Ok(hostfile);
+    }
+    if let Some(list) = hosts {
+        return Ok(Hostfile::from_list(list, repeats)?);
+    }
+    if let Some(nodes) = slurm::allocation(&|key| std::env::var(key).ok())? {
+        tracing::debug!(nodes = nodes.len(), "taking the hosts from the Slurm allocation");
+        return Ok(Hostfile::from_allocation(nodes, (repeats > 1).then_some(repeats))?);
+    }
+    Ok(Hostfile::from_list(DEFAULT_HOSTS, repeats)?)
 }
 
 /// Hosts of a launch without `--hosts`, `--hostfile` or a Slurm allocation.
@@ -287,6 +287,173 @@ struct HostSpawner {
     local: LocalSpawner,
     /// Present when the job has remote ranks.
     remote: Option<SshSpawner>,
+}
+
+impl HostSpawner {
+    /// Builds the spawner for `hosts`, with an ssh transport only if one of them is remote.
+    fn for_hosts<'a>(mut hosts: impl Iterator<Item = &'a str>, options: SshOptions) -> std::io::Result<HostSpawner> {
+        let remote = match hosts.any(|host| !is_local_name(host)) {
+            true => Some(SshSpawner::new(options)?),
+            false => None,
+        };
+        Ok(HostSpawner { local: LocalSpawner, remote })
+    }
+}
+
+/// Runs `ringleader doctor` and returns its exit code.
+pub fn run_doctor(cli: DoctorCli) -> i32 {
+    if cli.probe {
+        return doctor::probe::run();
+    }
+    let prepared = read_hosts(cli.hostfile.as_deref(), cli.hosts.as_deref(), cli.repeat_hosts as usize).and_then(|hostfile| {
+        let ring_table = plan::ring_address_table(&hostfile.hosts, cli.starting_port, cli.connections_per_ip)?;
+        let command = match cli.command.first() {
+            Some(program) => Some(resolve_command(program)?),
+            None => None,
+        };
+        Ok((hostfile, ring_table, command))
+    });
+    let (hostfile, ring_table, command) = match prepared {
+        Ok(prepared) => prepared,
+        Err(error) => {
+            eprintln!("ringleader doctor: error: {error}");
+            return exit::USAGE;
+        }
+    };
+    let probe_program = match std::env::current_exe() {
+        Ok(path) => path,
+        Err(error) => {
+            eprintln!("ringleader doctor: error: cannot find the ringleader binary to use as the probe: {error}");
+            return exit::FAILURE;
+        }
+    };
+    let options = DoctorOptions {
+        ring_table,
+        command,
+        probe_program,
+        stage_timeout: Duration::from_secs_f64(cli.timeout),
+    };
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime can be built");
+    runtime.block_on(async {
+        let hosts = hostfile.hosts.iter().map(|host| host.ssh.as_str());
+        let spawner = match HostSpawner::for_hosts(hosts, cli.ssh.to_options(Duration::from_secs(1))) {
+            Ok(spawner) => Arc::new(spawner),
+            Err(error) => {
+                eprintln!("ringleader doctor: error: cannot set up the ssh transport: {error}");
+                return exit::FAILURE;
+            }
+        };
+        let rows = doctor::diagnose(&hostfile, &options, spawner).await;
+        print!("{}", doctor::render(&rows));
+        let failures = doctor::failures(&rows);
+        for failure in &failures {
+            eprintln!("ringleader doctor: {failure}");
+        }
+        if failures.is_empty() {
+            exit::SUCCESS
+        } else {
+            exit::FAILURE
+        }
+    })
+}
+
+/// Resolves the command's path on this machine, as execvp would find it.
+fn resolve_command(program: &str) -> Result<PathBuf, LaunchError> {
+    if program.contains('/') {
+        let path = PathBuf::from(program);
+        let current = std::env::current_dir().unwrap_or_default();
+        return Ok(if path.is_absolute() { path } else { current.join(path) });
+    }
+    std::env::var_os("PATH")
+        .and_then(|path| std::env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| candidate.is_file()))
+        .ok_or_else(|| PreflightError::CommandNotFound { command: program.to_string() }.into())
+}
+
+/// Runs `ringleader config` and returns its exit code.
+pub fn run_config(cli: ConfigCli) -> i32 {
+    if cli.over == Over::Thunderbolt {
+        eprintln!("ringleader config: error: --over thunderbolt is not supported: Thunderbolt discovery needs macOS hardware\nhint: use --over ethernet, or mlx.distributed_config on the Macs");
+        return exit::USAGE;
+    }
+    let loaded = match &cli.hostfile {
+        Some(path) => Hostfile::from_path(path),
+        None => Hostfile::from_list(&cli.hosts, 1),
+    };
+    let checked_env = loaded
+        .map_err(LaunchError::from)
+        .and_then(|hostfile| Ok((hostfile, plan::parse_env_entries(&cli.env, &|_| Some(String::new()))?)));
+    let mut hostfile = match checked_env {
+        Ok((hostfile, _)) => hostfile,
+        Err(error) => {
+            eprintln!("ringleader config: error: {error}");
+            return exit::USAGE;
+        }
+    };
+    // A host listed twice (for two ranks) is asked once.
+    let mut seen = std::collections::HashSet::new();
+    hostfile.hosts.retain(|host| seen.insert(host.ssh.clone()));
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime can be built");
+    let options = cli.ssh.to_options(Duration::from_secs(1));
+    let timeout = options.connect_timeout + options.start_timeout;
+    let results = runtime.block_on(async {
+        let hosts = hostfile.hosts.iter().map(|host| host.ssh.as_str());
+        let spawner = HostSpawner::for_hosts(hosts, options)?;
+        Ok::<_, std::io::Error>(distconfig::query_hosts(&hostfile.hosts, Arc::new(spawner), timeout).await)
+    });
+    let results = match results {
+        Ok(results) => results,
+        Err(error) => {
+            eprintln!("ringleader config: error: cannot set up the ssh transport: {error}");
+            return exit::FAILURE;
+        }
+    };
+
+    let mut configured = Vec::new();
+    let mut failed = 0;
+    for (host, result) in hostfile.hosts.into_iter().zip(results) {
+        match result {
+            distconfig::HostResult::Reached { ips } => {
+                if ips.is_empty() {
+                    eprintln!("ringleader config: warning: {}: no IPv4 address found; the ring backend needs one in \"ips\"", host.ssh);
+                }
+                configured.push((host, ips));
+            }
+            distconfig::HostResult::Failed { reason } => {
+                eprintln!("ringleader config: {}: {reason}", host.ssh);
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 && !cli.ignore_unreachable {
+        eprintln!("ringleader config: error: {failed} host(s) failed; no hostfile written\nhint: set up passwordless ssh (ssh-copy-id) or pass --ignore-unreachable to leave them out");
+        return exit::FAILURE;
+    }
+    if configured.is_empty() {
+        eprintln!("ringleader config: error: no host could be reached; no hostfile written");
+        return exit::FAILURE;
+    }
+
+    let value = distconfig::hostfile_json(&configured, cli.backend.unwrap_or(Backend::Ring), &cli.env);
+    let text = serde_json::to_string_pretty(&value).expect("JSON values serialize") + "\n";
+    match &cli.output_hostfile {
+        Some(path) => {
+            if let Err(error) = std::fs::write(path, text) {
+                eprintln!("ringleader config: error: cannot write {}: {error}", path.display());
+                return exit::FAILURE;
+            }
+            eprintln!("ringleader config: wrote {} with {} hosts", path.display(), configured.len());
+        }
+        None => print!("{text}"),
+    }
+    exit::SUCCESS
 }
 
 impl Spawner for HostSpawner {

@@ -21,6 +21,12 @@ Exit status:
   124      --timeout expired
   129/130/143  the launcher received SIGHUP/SIGINT/SIGTERM
 
+Subcommands (when they are the first argument; run a program named config or doctor
+with ringleader -- config):
+  ringleader config --hosts a,b      check ssh to each host and write a hostfile with its IPs
+  ringleader doctor --hostfile H     check ssh, addresses, ring ports, ring edges, the
+                                     command and clocks on every host before a long job
+
 Signals: the first Ctrl-C is forwarded to the ranks as SIGINT, SIGTERM and SIGHUP as
 SIGTERM; a second signal, or the grace period running out, sends SIGKILL.";
 
@@ -148,6 +154,120 @@ pub struct Cli {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND",
           required_unless_present = "print_python")]
     pub command: Vec<String>,
+}
+
+/// Help text printed after the options of `ringleader doctor`.
+const DOCTOR_AFTER_HELP: &str = "\
+Checks, one row each:
+  ssh/local  the probe starts on the rank's host through the transport the rank would use
+  clock      the host's clock is within 1 s of the launcher's
+  address    each IP in the rank's ring addresses is assigned on its host
+  port       each ring port is free there (the probe keeps it open for the edge check)
+  command    COMMAND exists at the path the launcher resolves, on every host
+  edge       each rank opens a TCP connection to its right neighbour's ring addresses
+
+The probe is this ringleader binary, run as 'ringleader doctor --probe'; it must exist at
+the same path on every remote host. Exit status: 0 when every check passes, 1 when one
+fails (each failure is also named on stderr), 2 for invalid hosts or options.";
+
+/// Check a cluster before a long job: ssh, ring addresses and ports, ring
+/// edges, the command and clocks, with one row per check.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "ringleader doctor", version, after_help = DOCTOR_AFTER_HELP, max_term_width = 100)]
+pub struct DoctorCli {
+    /// Comma-separated hosts, with ranges such as node[01-04] [default: the Slurm
+    /// allocation, else 127.0.0.1].
+    #[arg(long, value_name = "HOSTS", help_heading = "Hosts")]
+    pub hosts: Option<String>,
+
+    /// Number of ranks on each host.
+    #[arg(short = 'n', long = "repeat-hosts", default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..), help_heading = "Hosts")]
+    pub repeat_hosts: u32,
+
+    /// JSON hostfile in mlx.launch format. Overrides --hosts.
+    #[arg(long, value_name = "FILE", help_heading = "Hosts")]
+    pub hostfile: Option<PathBuf>,
+
+    /// First ring port, as for the launch.
+    #[arg(short = 'p', long, default_value_t = 32323, value_name = "PORT",
+          env = "RINGLEADER_STARTING_PORT", help_heading = "Ring")]
+    pub starting_port: u16,
+
+    /// Ring connections per IP address and rank, as for the launch.
+    #[arg(long, default_value_t = 1, value_name = "K",
+          value_parser = clap::value_parser!(u32).range(1..=64), help_heading = "Ring")]
+    pub connections_per_ip: u32,
+
+    /// Seconds each stage of the probes may take (start and report, then connect).
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub timeout: f64,
+
+    #[command(flatten)]
+    pub ssh: crate::exec::ssh::SshArgs,
+
+    /// Run as the probe on a rank's host (started by doctor itself).
+    #[arg(long, hide = true)]
+    pub probe: bool,
+
+    /// The command the job will run, checked to exist at the same path on every host.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// Help text printed after the options of `ringleader config`.
+const CONFIG_AFTER_HELP: &str = "\
+Linux hosts report their addresses with 'ip -j addr' (the address of the interface that
+carries the default route, else the first global IPv4 address); macOS hosts with
+'ipconfig getifaddr en0' (then en1). Thunderbolt discovery and RDMA setup
+(mlx.distributed_config --over thunderbolt) need macOS hardware and are not supported.
+
+Exit status: 0 when the hostfile was written, 1 when a host failed (each is named on
+stderr), 2 for invalid hosts or options.";
+
+/// Check passwordless ssh to every host and write a hostfile with each
+/// host's IP address, as mlx.distributed_config --over ethernet does.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "ringleader config", version, after_help = CONFIG_AFTER_HELP, max_term_width = 100)]
+pub struct ConfigCli {
+    /// Comma-separated hosts, with ranges such as node[01-04].
+    #[arg(long, value_name = "HOSTS", default_value = "127.0.0.1", help_heading = "Hosts")]
+    pub hosts: String,
+
+    /// JSON hostfile in mlx.launch format whose hosts to configure. Overrides --hosts.
+    #[arg(long, value_name = "FILE", help_heading = "Hosts")]
+    pub hostfile: Option<PathBuf>,
+
+    /// Leave out hosts that ssh cannot reach instead of failing.
+    #[arg(long, help_heading = "Hosts")]
+    pub ignore_unreachable: bool,
+
+    /// Connectivity to configure; only ethernet is supported.
+    #[arg(long, value_enum, default_value_t = Over::Ethernet, value_name = "LINK")]
+    pub over: Over,
+
+    /// Backend recorded in the hostfile [default: ring].
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
+
+    /// KEY=VALUE recorded in the hostfile's "envs" (repeatable).
+    #[arg(long, value_name = "KEY[=VALUE]")]
+    pub env: Vec<String>,
+
+    /// Write the hostfile here instead of printing it.
+    #[arg(long, value_name = "FILE")]
+    pub output_hostfile: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub ssh: crate::exec::ssh::SshArgs,
+}
+
+/// Links `ringleader config` can set up hosts for.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Over {
+    Ethernet,
+    /// mlx.distributed_config's Thunderbolt discovery; not supported.
+    Thunderbolt,
 }
 
 /// Distributed backends known to mlx.launch.

@@ -18,10 +18,14 @@
 //! - [`net`]: the byte-stream transport (`Net`, `Listener`) and `TokioNet` over TCP.
 //! - [`ring`]: MLX-compatible ring collectives over [`net`].
 //! - [`shell`]: POSIX shell quoting for every value sent to a shell.
+//! - [`doctor`]: `ringleader doctor`, per-rank and per-edge checks through the [`exec`] transport.
+//! - [`distconfig`]: `ringleader config`, which writes a hostfile from each host's addresses.
 //! - [`app`]: ties the pieces together for the `ringleader` binary.
 
 pub mod app;
 pub mod cli;
+pub mod distconfig;
+pub mod doctor;
 pub mod exec;
 pub mod exit;
 pub mod hostfile;

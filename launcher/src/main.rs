@@ -1,9 +1,27 @@
 use clap::Parser;
 
 fn main() {
-    let cli = ringleader::cli::Cli::parse();
-    init_tracing(cli.verbose);
-    std::process::exit(ringleader::app::run(cli));
+    // Subcommands are recognised only as the first argument, because the
+    // launcher's own command line ends in the program to run.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let subcommand = args.get(1).and_then(|arg| arg.to_str());
+    let code = match subcommand {
+        Some(name @ ("config" | "doctor")) => {
+            let args = std::iter::once(format!("ringleader {name}").into()).chain(args[2..].iter().cloned());
+            init_tracing(false);
+            if name == "config" {
+                ringleader::app::run_config(ringleader::cli::ConfigCli::parse_from(args))
+            } else {
+                ringleader::app::run_doctor(ringleader::cli::DoctorCli::parse_from(args))
+            }
+        }
+        _ => {
+            let cli = ringleader::cli::Cli::parse();
+            init_tracing(cli.verbose);
+            ringleader::app::run(cli)
+        }
+    };
+    std::process::exit(code);
 }
 
 /// Logs go to stderr; `RUST_LOG` overrides the level `--verbose` picks.
