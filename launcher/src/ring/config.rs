@@ -138,7 +138,7 @@ fn parse_seconds(value: &str) -> Result<Duration, String> {
         .trim()
         .parse()
         .map_err(|_| "expected a number of seconds".to_string())?;
-    if !(seconds > 0.0) {
+    if seconds.is_nan() || seconds <= 0.0 {
         return Err("expected a positive number of seconds".into());
     }
     Duration::try_from_secs_f64(seconds).map_err(|err| err.to_string())

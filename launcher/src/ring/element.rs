@@ -184,7 +184,7 @@ mod tests {
     #[test]
     fn unaligned_source_is_read_correctly() {
         let mut dst = [1.0f64, 2.0];
-        let mut bytes = vec![0u8; 17];
+        let mut bytes = [0u8; 17];
         bytes[1..9].copy_from_slice(&10.0f64.to_ne_bytes());
         bytes[9..17].copy_from_slice(&20.0f64.to_ne_bytes());
         sum_fn::<f64>()(bytemuck::cast_slice_mut(&mut dst), &bytes[1..]);

@@ -41,10 +41,15 @@
 //! # Limitations
 //!
 //! - Like MLX, ranks exchange no handshake, because MLX would not understand
-//!   one. A connection from another job that reaches a listener before the
-//!   real neighbour does is taken for the neighbour; connections arriving
-//!   after the ring is formed are closed (see [`connect`]). Give concurrent
-//!   jobs disjoint `--starting-port` ranges.
+//!   one. What ringleader does against a second job on the same ports: its
+//!   listeners never set `SO_REUSEPORT` and stay bound while the group
+//!   lives, so the other job's ranks fail to bind (with an error naming the
+//!   port) instead of sharing connections, and a connection that arrives
+//!   after the ring is formed is closed at once. What remains: a connection
+//!   from another job that reaches a listener before the real neighbour does
+//!   is taken for the neighbour, and a rank that connects cannot tell whose
+//!   listener answered. Give concurrent jobs disjoint `--starting-port`
+//!   ranges.
 //! - `send` and `recv` reach the two neighbours only, as in MLX.
 //! - Element bytes travel in native order; every MLX platform is
 //!   little-endian.
