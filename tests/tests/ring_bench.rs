@@ -127,3 +127,37 @@ fn bench_survivors_exit_when_rank_is_killed() {
         assert!(stderr.contains("lost the connection to rank"), "rank {rank}: {stderr}");
     }
 }
+
+#[test]
+fn bench_with_empty_hostfile_runs_one_rank() {
+    // mlx.launch writes an empty MLX_HOSTFILE for a single host.
+    let dir = tempfile::tempdir().unwrap();
+    let hostfile = dir.path().join("hosts.json");
+    std::fs::write(&hostfile, "\n").unwrap();
+
+    let finished = run_with_limit(
+        Command::new(launcher_bin("ringleader-bench"))
+            .args(["-b", "4K", "-e", "4K", "-n", "1", "--format", "csv"])
+            .env("MLX_RANK", "0")
+            .env("MLX_HOSTFILE", &hostfile),
+        JOB_LIMIT,
+    );
+    assert!(finished.status.success(), "one-rank bench failed");
+    assert!(finished.stdout.contains("\n1,0,float32,all_sum,4096,"), "{}", finished.stdout);
+}
+
+#[test]
+fn bench_with_invalid_rank_names_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let hostfile = dir.path().join("hosts.json");
+    std::fs::write(&hostfile, r#"[["127.0.0.1:1"], ["127.0.0.1:2"]]"#).unwrap();
+
+    let finished = run_with_limit(
+        Command::new(launcher_bin("ringleader-bench"))
+            .env("MLX_RANK", "first")
+            .env("MLX_HOSTFILE", &hostfile),
+        JOB_LIMIT,
+    );
+    assert_eq!(finished.status.code(), Some(3), "exit status for a ring failure");
+    assert!(finished.stderr.contains("invalid MLX_RANK=\"first\""), "{}", finished.stderr);
+}
