@@ -8,13 +8,14 @@
 # Usage: benches/containers.sh [NODES]
 # Environment: CARGO_TARGET_DIR (default <repo>/target), RINGLEADER_TEST_PYTHON
 # (default <repo>/.cache/mlx-venv/bin/python, else /opt/mlx-venv/bin/python),
-# SIZES (bytes, comma-separated), ITERATIONS, STARTS (start-up samples).
+# ITERATIONS (timed all_sum calls per size), STARTS (start-up samples).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 nodes=${1:-4}
 target=${CARGO_TARGET_DIR:-$repo/target}
-sizes=${SIZES:-4096,65536,1048576,16777216,67108864}
+# The sizes ringleader-bench runs with -b 4K -e 64M -f 4.
+sizes=4096,16384,65536,262144,1048576,4194304,16777216,67108864
 iterations=${ITERATIONS:-10}
 starts=${STARTS:-3}
 python=${RINGLEADER_TEST_PYTHON:-}
@@ -79,30 +80,8 @@ start_cluster "$scratch/cluster" "${mounts[@]}"
 hostfile=$scratch/cluster/hostfile.json
 ssh_config=$scratch/cluster/ssh_config
 
-if "$bin/ringleader" --help | grep -q -- "--ssh-config"; then
-    launch=("$bin/ringleader" --hostfile "$hostfile" --ssh-config "$ssh_config" --)
-    if [[ -x $bin/ringleader-bench ]]; then
-        echo "-- ringleader-bench (ringleader's ring)"
-        "${launch[@]}" "$bin/ringleader-bench" --sizes "$sizes" --iterations "$iterations"
-    else
-        echo "-- ringleader-bench not built; skipped"
-    fi
-    echo "-- MLX ring (mlx.core.distributed.all_sum)"
-    "${launch[@]}" "$python" "$repo/benches/containers_mlx_all_sum.py" --sizes "$sizes" --iterations "$iterations"
-else
-    # Until ringleader takes --ssh-config, start the MLX ranks with plain ssh.
-    echo "-- MLX ring (mlx.core.distributed.all_sum), ranks started with plain ssh"
-    "$python" - "$hostfile" "$scratch/mlx-hostfile.json" <<'EOF'
-import json, sys
-hosts = json.load(open(sys.argv[1]))
-json.dump([[f"{host['ips'][0]}:{32323 + rank}"] for rank, host in enumerate(hosts)], open(sys.argv[2], "w"))
-EOF
-    pids=()
-    for rank in $(seq 0 $((nodes - 1))); do
-        ssh -F "$ssh_config" "node$rank" \
-            "MLX_RANK=$rank MLX_WORLD_SIZE=$nodes MLX_HOSTFILE=$scratch/mlx-hostfile.json \
-             $python $repo/benches/containers_mlx_all_sum.py --sizes $sizes --iterations $iterations" &
-        pids+=($!)
-    done
-    for pid in "${pids[@]}"; do wait "$pid"; done
-fi
+launch=("$bin/ringleader" --hostfile "$hostfile" --ssh-config "$ssh_config" --)
+echo "-- ringleader-bench (ringleader's ring backend)"
+"${launch[@]}" "$bin/ringleader-bench" -b 4K -e 64M -f 4 -n "$iterations" -o all-sum
+echo "-- MLX ring backend (mlx.core.distributed.all_sum)"
+"${launch[@]}" "$python" "$repo/benches/containers_mlx_all_sum.py" --sizes "$sizes" --iterations "$iterations"

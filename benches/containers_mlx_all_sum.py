@@ -3,7 +3,7 @@
 Each rank reads MLX_RANK and MLX_HOSTFILE as MLX's ring backend expects.
 Rank 0 prints one line per message size:
 
-    mlx all_sum bytes=<n> seconds=<median> algbw_gbs=<x> busbw_gbs=<y>
+    mlx all_sum bytes=<n> seconds=<slowest rank's mean> algbw_gbs=<x> busbw_gbs=<y>
 
 Bus bandwidth is algorithm bandwidth times 2 (n - 1) / n, the volume each
 link of a ring carries per all_sum, so it compares across world sizes.
@@ -43,8 +43,11 @@ def main():
 
         if float(total[0]) != size:
             raise SystemExit(f"all_sum returned {float(total[0])}, expected {size}")
+
+        # Report the slowest rank's mean, as ringleader-bench does.
+        means = mx.distributed.all_gather(mx.array([statistics.fmean(durations)]))
+        seconds = float(mx.max(means))
         if group.rank() == 0:
-            seconds = statistics.median(durations)
             algbw = nbytes / seconds / 1e9
             busbw = algbw * 2 * (size - 1) / size
             print(f"mlx all_sum bytes={nbytes} seconds={seconds:.6f} "

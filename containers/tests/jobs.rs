@@ -164,12 +164,13 @@ async fn bench_all_sum_verifies_across_four_nodes() {
     let rows: Vec<&str> = stdout.lines().filter(|line| !line.starts_with('#') && !line.trim().is_empty()).collect();
     assert_eq!(rows.len(), 6, "one row per size from 4K to 4M:\n{stdout}");
     for row in rows {
-        assert!(row.contains("all_sum") && row.trim_end().ends_with("ok"), "unchecked or wrong row {row:?}");
+        assert!(row.contains("all_sum"), "row of another operation: {row:?}");
+        assert!(row.trim_end().ends_with("ok"), "unchecked or wrong result: {row:?}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mlx_all_sum_across_four_nodes_gives_the_world_sum() {
+async fn mlx_all_sum_gives_world_sum() {
     require_docker!();
     let _guard = common::exclusive().await;
     let rehearsal = Rehearsal::start(4, true).await;
@@ -187,7 +188,7 @@ async fn mlx_all_sum_across_four_nodes_gives_the_world_sum() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failing_rank_sets_exit_code_and_no_rank_survives() {
+async fn failing_rank_exit_code_and_cleanup() {
     require_docker!();
     let _guard = common::exclusive().await;
     let rehearsal = Rehearsal::start(4, false).await;
@@ -205,7 +206,7 @@ async fn failing_rank_sets_exit_code_and_no_rank_survives() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_node_fails_the_job_and_others_are_cleaned() {
+async fn killed_node_fails_job_cleanly() {
     require_docker!();
     let _guard = common::exclusive().await;
     let rehearsal = Rehearsal::start(4, false).await;
@@ -227,7 +228,7 @@ async fn killed_node_fails_the_job_and_others_are_cleaned() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disconnected_node_mid_all_sum_fails_the_job_within_the_bound() {
+async fn disconnected_node_fails_all_sum_in_bound() {
     require_docker!();
     let _guard = common::exclusive().await;
     let rehearsal = Rehearsal::start(4, true).await;
@@ -253,7 +254,7 @@ async fn disconnected_node_mid_all_sum_fails_the_job_within_the_bound() {
 const RING_OP_TIMEOUT_SECS: u64 = 5;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn isolated_node_mid_all_sum_makes_survivors_fail() {
+async fn isolated_node_makes_survivors_fail() {
     require_docker!();
     let _guard = common::exclusive().await;
     let rehearsal = Rehearsal::start(4, false).await;
@@ -307,7 +308,7 @@ async fn paused_node_is_detected_by_the_keepalive() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hundred_thousand_lines_per_rank_arrive_whole_on_their_stream() {
+async fn rank_output_lines_arrive_whole() {
     require_docker!();
     let _guard = common::exclusive().await;
     let rehearsal = Rehearsal::start(4, false).await;
