@@ -18,6 +18,7 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,6 +76,8 @@ impl Message {
 #[derive(Clone)]
 pub struct StreamWriter {
     tx: mpsc::UnboundedSender<Message>,
+    /// Set once the launcher's stream is a broken pipe (its reader is gone).
+    broken: Arc<AtomicBool>,
 }
 
 /// Starts the writer task of one launcher stream. Labels, if given, prefix
@@ -85,6 +88,7 @@ pub fn start_writer(
     labels: Option<Vec<String>>,
 ) -> (StreamWriter, tokio::task::JoinHandle<ByteWriter>) {
     let (tx, rx) = mpsc::unbounded_channel();
+    let broken = Arc::new(AtomicBool::new(false));
     let ranks = labels.as_ref().map_or(0, Vec::len);
     let writer = Writer {
         sink: BufWriter::with_capacity(SINK_BUFFER, sink),
@@ -95,9 +99,10 @@ pub fn start_writer(
         owner_active: Instant::now(),
         held: VecDeque::new(),
         scratch: Vec::new(),
+        broken: broken.clone(),
     };
     let handle = tokio::spawn(writer.run(rx));
-    (StreamWriter { tx }, handle)
+    (StreamWriter { tx, broken }, handle)
 }
 
 impl StreamWriter {
@@ -127,6 +132,9 @@ impl StreamWriter {
                     continue;
                 }
                 Some(Ok(0)) => break,
+                // The launcher's reader is gone: closing the rank's pipe gives
+                // the rank the EPIPE or SIGPIPE it would get writing there itself.
+                Some(Ok(_)) if self.broken.load(Ordering::Relaxed) => break,
                 Some(Ok(n)) => n,
                 Some(Err(error)) => {
                     tracing::warn!(rank, %error, "reading rank output failed");
@@ -186,6 +194,8 @@ struct Writer {
     held: VecDeque<Message>,
     /// Reused buffer for labelled output.
     scratch: Vec<u8>,
+    /// Shared with the pumps; see [`StreamWriter`].
+    broken: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -218,7 +228,7 @@ impl Writer {
 
     async fn flush(&mut self) {
         if let Err(error) = self.sink.flush().await {
-            tracing::debug!(%error, "writing to the launcher's output failed");
+            self.on_error(&error);
         }
     }
 
@@ -303,10 +313,17 @@ impl Writer {
                 self.sink.write_all(&self.scratch).await
             }
         };
-        // A closed launcher stdout must not stop the job or block the ranks:
-        // the bytes are dropped and the rank's own output file, if any, keeps them.
         if let Err(error) = result {
-            tracing::debug!(rank, %error, "writing to the launcher's output failed");
+            self.on_error(&error);
+        }
+    }
+
+    /// Records a failed write. Bytes that cannot be written are dropped; a
+    /// broken pipe also makes the pumps close the ranks' pipes.
+    fn on_error(&self, error: &std::io::Error) {
+        tracing::debug!(%error, "writing to the launcher's output failed");
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            self.broken.store(true, Ordering::Relaxed);
         }
     }
 }

@@ -118,3 +118,20 @@ fn output_written_just_before_failure_is_not_lost() {
     let expected: String = (1..=20000).map(|i| format!("{i}\n")).collect();
     assert_eq!(output.stdout_text(), expected);
 }
+
+#[test]
+fn closed_launcher_stdout_stops_writers_with_sigpipe() {
+    use std::io::BufRead;
+
+    let mut child = ringleader_tests::start(&mut ringleader(["-n", "2", "--", "sh", "-c", "exec yes line"]));
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert_eq!(first, "line\n");
+    // Like `ringleader ... | head -1`: the reader goes away.
+    drop(stdout);
+
+    let output = ringleader_tests::finish(child);
+    assert_eq!(output.code(), Some(128 + 13), "ranks writing to a closed stdout end by SIGPIPE");
+    assert!(output.stderr_text().contains("killed by SIGPIPE"), "{}", output.stderr_text());
+}
