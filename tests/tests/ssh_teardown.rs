@@ -285,6 +285,31 @@ async fn unauthorized_key_fails_fast_with_ssh_message() {
     expect_ssh_failure(UNAUTHORIZED_KEY_ALIAS, "Permission denied").await;
 }
 
+/// A host that accepts TCP but never answers, like a hung sshd.
+#[tokio::test]
+async fn silent_server_fails_within_connect_timeout() {
+    let sshd = Sshd::start();
+    // The kernel completes connections into the backlog; nothing ever reads them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut options = options(&sshd);
+    options.connect_timeout = Duration::from_secs(2);
+    options.extra_options = vec![format!("Port={}", silent.local_addr().unwrap().port())];
+    let spawner = SshSpawner::new(options).unwrap();
+    let started = tokio::time::Instant::now();
+
+    let result = spawner.spawn(&spec(4, "host-a", &["true"])).await;
+
+    let elapsed = started.elapsed();
+    let Err(error) = result else {
+        panic!("rank started on a silent server")
+    };
+    let message = error.to_string();
+    assert!(matches!(error, SpawnError::Ssh { .. }), "{message}");
+    assert!(message.contains("rank 4 on host-a"), "{message}");
+    assert!(message.contains("timed out"), "{message}");
+    assert!(elapsed < Duration::from_secs(6), "failure took {elapsed:?}");
+}
+
 #[tokio::test]
 async fn killed_launcher_leaves_no_remote_process() {
     use std::io::BufRead;
