@@ -44,7 +44,11 @@
 //!   servers with a smaller limit. When the user's own ControlMaster carries
 //!   the sessions, its connection is subject to the same limit.
 //! - The remote host needs `/bin/sh`, `mktemp`, `dd`, `mv`, `rm`, `sleep`,
-//!   and `setsid` or `perl`.
+//!   and `setsid` or `perl`. Without `ps`, a group whose processes are all
+//!   unreaped zombies counts as alive until the grace period ends.
+//! - A `RemoteCommand` and port forwardings in the user's ssh config are
+//!   ignored (`RemoteCommand=none`, `ClearAllForwardings=yes`), unless an
+//!   extra `-o` option sets them again.
 
 mod args;
 mod connection;
