@@ -204,6 +204,14 @@ fn prepare_mpi(cli: &Cli, hostfile: &Hostfile) -> Result<MpiCommand, LaunchError
     if cli.output_dir.is_some() {
         return Err(MpiError::Unsupported { option: "--output-dir", hint: "pass mpirun's own with --mpi-arg '--output-filename DIR'" }.into());
     }
+    if let Some(host) = hostfile.hosts.iter().find(|host| host.target != Default::default()) {
+        tracing::debug!(host = %host.ssh, "host has its own ssh login");
+        return Err(MpiError::Unsupported {
+            option: "the hostfile fields \"user\", \"port\" and \"identity\"",
+            hint: "mpirun logs in with its own ssh settings; put them in ~/.ssh/config",
+        }
+        .into());
+    }
     let lookup_env = |key: &str| std::env::var(key).ok();
     let mpirun = mpi::Mpirun::find(std::env::var_os("PATH").as_deref())?;
     if !cli.dry_run {

@@ -9,9 +9,9 @@
 //!
 //! - Thunderbolt discovery and RDMA setup need macOS hardware and are not
 //!   supported; the hostfile lists Ethernet addresses only.
-//! - One address per host: on Linux the IPv4 address of the interface that
-//!   carries the default route, else the first global IPv4 address of an
-//!   interface that is up; on macOS `en0`, else `en1`.
+//! - One address per host. On Linux it is the IPv4 address of the interface
+//!   that carries the default route, else the first global IPv4 address of
+//!   an interface that is up. On macOS it is `en0`'s, else `en1`'s.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,9 +23,10 @@ use crate::cli::Backend;
 use crate::exec::{RankSpec, Spawned, Spawner, Termination};
 use crate::hostfile::Host;
 
-/// The shell script that prints the host's operating system and addresses:
-/// `linux`, then `ip -j addr show` and `ip -j route show default`, one JSON
-/// document per line; or `macos` and one address.
+/// The shell script that prints the host's operating system and addresses.
+/// Linux hosts print `linux`, then the output of `ip -j addr show` and of
+/// `ip -j route show default`, one JSON document per line. macOS hosts print
+/// `macos` and one address.
 pub const ADDRESS_SCRIPT: &str = "if command -v ip >/dev/null 2>&1; then echo linux; ip -j addr show; \
 ip -j route show default; elif command -v ipconfig >/dev/null 2>&1; then echo macos; \
 ipconfig getifaddr en0 || ipconfig getifaddr en1 || true; else echo unknown; uname -s; fi";
@@ -112,8 +113,8 @@ pub fn parse_addresses(output: &str) -> Result<Vec<String>, String> {
     }
 }
 
-/// The IPv4 address of the default route's interface, else the first global
-/// IPv4 address of an interface that is up and not loopback.
+/// Picks the IPv4 address of the default route's interface, else the first
+/// global IPv4 address of an interface that is up and not loopback.
 fn pick_linux_address(interfaces: &Value, routes: &Value) -> Option<String> {
     let interfaces = interfaces.as_array()?;
     let global_ipv4 = |interface: &Value| -> Option<String> {

@@ -3,12 +3,11 @@
 //!
 //! A probe (see [`probe`]) starts for every rank through the [`Spawner`],
 //! so it travels exactly as the rank would: locally for loopback hosts, over
-//! ssh otherwise. Each probe reports its clock, whether each ring address of
-//! its rank is assigned on its host and whether the ring port is free there
-//! (it keeps those ports open), and whether the command exists at the path
-//! the launcher resolved. Once every probe has its ports open, each rank
-//! connects to its right neighbour's ring addresses, the direction in which
-//! MLX's ring sends.
+//! ssh otherwise. Each probe reports its clock and whether each ring address
+//! of its rank is assigned on its host. It listens on each free ring port,
+//! reports the busy ones, and checks the command at the path the launcher
+//! resolved. Once every probe listens, each rank connects to its right
+//! neighbour's ring addresses, the direction in which MLX's ring sends.
 //!
 //! # Limitations
 //!
@@ -33,7 +32,7 @@ use crate::hostfile::{is_local_name, Hostfile};
 /// Largest clock difference from the launcher that still passes.
 pub const CLOCK_TOLERANCE: Duration = Duration::from_secs(1);
 
-/// What to check, from the command line.
+/// Settings of a doctor run, from the command line.
 #[derive(Clone, Debug)]
 pub struct DoctorOptions {
     /// Ring addresses of every rank, as the launch would use them.
@@ -46,7 +45,7 @@ pub struct DoctorOptions {
     pub stage_timeout: Duration,
 }
 
-/// How a check came out.
+/// The result of one check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
     Ok,

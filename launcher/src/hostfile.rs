@@ -26,8 +26,8 @@ pub struct Host {
 }
 
 impl Host {
-    /// A host given by name only, as in `--hosts`: its ring address is the
-    /// name itself when that is an IP address.
+    /// Builds a host given by name only, as in `--hosts`. Its ring address is
+    /// the name itself when that is an IP address.
     pub fn named(name: String) -> Host {
         Host {
             ips: default_ips(&name),

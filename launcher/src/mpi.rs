@@ -19,6 +19,13 @@
 //! - Open MPI 5 gets `--output :raw`, as mlx.launch 0.32 passes it. Open MPI
 //!   4.1 has no such option and forwards output unbuffered by default, so it
 //!   gets none.
+//! - mpirun reaches remote hosts with its own ssh settings (Open MPI's
+//!   `plm_rsh_agent` and `plm_rsh_args`), so `--ssh-config` and the other
+//!   ssh options do not apply, and hostfile entries with `user`, `port` or
+//!   `identity` are rejected.
+//! - When the launcher itself is killed with SIGKILL, mpirun keeps running;
+//!   Open MPI puts each local rank in a process group of its own, so only
+//!   mpirun can stop them.
 //! - `--tag-output`, `--output-dir` and `--stdin 0`/`all` do not apply:
 //!   mpirun forwards stdin to rank 0 and tags output with its own
 //!   `--tag-output`, which `--mpi-arg` can pass.
@@ -35,7 +42,7 @@ use tokio::sync::mpsc;
 use crate::exit::{self, LauncherSignal};
 use crate::hostfile::Host;
 
-/// Why the mpi backend cannot start.
+/// Errors that stop the mpi backend before mpirun starts.
 #[derive(Debug, thiserror::Error)]
 pub enum MpiError {
     #[error("mpirun not found in PATH\nhint: install Open MPI (Debian and Ubuntu: apt-get install openmpi-bin) or add its bin directory to PATH")]
@@ -111,7 +118,7 @@ pub struct MpiCommand {
 }
 
 impl MpiCommand {
-    /// The full argument list with the hostfile at `hostfile_path`.
+    /// Returns the full argument list, with the hostfile at `hostfile_path`.
     pub fn argv(&self, hostfile_path: &Path) -> Vec<OsString> {
         let mut argv: Vec<OsString> = vec![self.program.clone().into()];
         argv.extend(self.leading_args.iter().map(OsString::from));
@@ -172,7 +179,8 @@ pub fn mpi_hostfile(hosts: &[Host]) -> String {
     counts.iter().map(|(name, count)| format!("{name} slots={count}\n")).collect()
 }
 
-/// Checks that Open MPI will agree to run, which it does not as root unless told.
+/// Checks that Open MPI will run: as root it refuses unless a flag or two
+/// environment variables permit it.
 pub fn check_root(
     is_root: bool,
     mpi_args: &[String],
@@ -376,9 +384,9 @@ fn write_hostfile(contents: &str) -> std::io::Result<tempfile::NamedTempFile> {
     Ok(file)
 }
 
-/// The name of the MPI library mpirun's `ompi_info` links against, such as
-/// `libmpi.so.40`, which MLX reads from `MLX_MPI_LIBNAME` to load MPI.
-/// Returns `None` when `ompi_info` or the dynamic loader listing is missing.
+/// Finds the name of the MPI library that mpirun's `ompi_info` links
+/// against, such as `libmpi.so.40`. MLX reads it from `MLX_MPI_LIBNAME` to
+/// load MPI. Returns `None` when `ompi_info`, `ldd` or `otool` is missing.
 pub fn mpi_library_name(mpirun: &Path) -> Option<String> {
     let ompi_info = mpirun.with_file_name("ompi_info");
     let lister = if cfg!(target_os = "macos") { ["otool", "-L"] } else { ["ldd", ""] };

@@ -145,8 +145,9 @@ pub fn build(
         env.extend(shared_env.iter().cloned());
         if options.backend == Backend::Nccl {
             // mlx.launch 0.32 picks `rank % -n`, which gives every rank GPU 0
-            // when a hostfile lists one host several times; the rank's index
-            // on its host is the same for `--hosts ... -n` and right for both.
+            // when a hostfile lists one host several times. The rank's index
+            // on its host gives the same GPUs for `--hosts ... -n` and
+            // distinct GPUs for such hostfiles.
             env.push(("CUDA_VISIBLE_DEVICES".into(), local_rank.to_string()));
         }
         env.extend([

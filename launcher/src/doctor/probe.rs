@@ -3,9 +3,10 @@
 //!
 //! It speaks a line protocol on stdin and stdout. It prints its clock, tries
 //! to listen on each of the rank's ring addresses and keeps the listeners
-//! open, checks the command path, then prints `ready`. The launcher answers
-//! with `connect ADDRESS` lines for the right neighbour's addresses and a
-//! final `done` (or closes stdin), and the probe reports each connection.
+//! open, checks the command path, then prints `ready`. The launcher then
+//! sends `connect ADDRESS` lines for the right neighbour's addresses, and the
+//! probe reports each connection. It exits on `done` or at the end of stdin,
+//! which the launcher sends once every probe has connected.
 //!
 //! ```text
 //! probe -> launcher            launcher -> probe
