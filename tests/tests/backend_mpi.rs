@@ -82,6 +82,35 @@ fn sigterm_stops_mpirun_and_every_rank() {
 }
 
 #[test]
+fn sigint_and_sighup_are_forwarded_too() {
+    use nix::sys::signal::Signal;
+    for (signal, expected) in [(Signal::SIGINT, 130), (Signal::SIGHUP, 129)] {
+        let marker = unique_marker("mpi-signal");
+        let env = format!("TEST_MARKER={marker}");
+        let mut child = start(&mut mpi_launch(&["-n", "2", "--env", &env, "--", "sh", "-c", "echo up; exec sleep 60"]));
+        let mut lines = lines_of(child.stdout.take().unwrap());
+        read_until(&mut lines, "up", 2);
+
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+        let output = finish(child);
+
+        assert_eq!(output.code(), Some(expected), "{signal}");
+        assert_eq!(survivors_after(&marker, Duration::from_secs(10)), Vec::<u32>::new(), "{signal}");
+    }
+}
+
+#[test]
+fn timeout_stops_mpirun_with_124() {
+    let marker = unique_marker("mpi-timeout");
+    let env = format!("TEST_MARKER={marker}");
+    let output = run(&mut mpi_launch(&["-n", "2", "--timeout", "1", "--env", &env, "--", "sleep", "60"]), b"");
+
+    assert_eq!(output.code(), Some(124));
+    assert!(output.stderr_text().contains("--timeout expired"), "{}", output.stderr_text());
+    assert_eq!(survivors_after(&marker, Duration::from_secs(10)), Vec::<u32>::new());
+}
+
+#[test]
 fn missing_mpirun_is_a_usage_error() {
     let empty = tempfile::tempdir().unwrap();
     let mut command = mpi_launch(&["--", "true"]);
@@ -94,7 +123,7 @@ fn missing_mpirun_is_a_usage_error() {
 }
 
 #[test]
-fn root_without_permission_is_told_how() {
+fn root_without_permission_gets_a_hint() {
     if !nix::unistd::geteuid().is_root() {
         println!("skipped: Open MPI's root check applies only to root");
         return;
