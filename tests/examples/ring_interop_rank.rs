@@ -33,18 +33,21 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cases_path: &Path, out_dir: &Path) -> Result<(), String> {
-    let text = std::fs::read_to_string(cases_path).map_err(|err| format!("{}: {err}", cases_path.display()))?;
+    let text = std::fs::read_to_string(cases_path)
+        .map_err(|err| format!("{}: {err}", cases_path.display()))?;
     let cases = interop::cases_from_json(&text);
     let mut group = Group::init().await.map_err(|err| err.to_string())?;
     let (rank, size) = (group.rank(), group.size());
 
     let out_path = out_dir.join(format!("rank{rank}.bin"));
-    let mut out = std::fs::File::create(&out_path).map_err(|err| format!("{}: {err}", out_path.display()))?;
+    let mut out =
+        std::fs::File::create(&out_path).map_err(|err| format!("{}: {err}", out_path.display()))?;
     for (number, case) in cases.iter().enumerate() {
         let bytes = interop::run_case(&mut group, case, number)
             .await
             .map_err(|err| format!("rank {rank}: case {number} {case:?}: {err}"))?;
-        out.write_all(&bytes).map_err(|err| format!("{}: {err}", out_path.display()))?;
+        out.write_all(&bytes)
+            .map_err(|err| format!("{}: {err}", out_path.display()))?;
     }
     println!("rust rank {rank} of {size}: {} cases done", cases.len());
     Ok(())

@@ -16,12 +16,18 @@ fn bench_under_launcher_checks_and_reports_every_size() {
             .arg(port_base().to_string())
             .arg("--")
             .arg(launcher_bin("ringleader-bench"))
-            .args(["-b", "1K", "-e", "2M", "-f", "8", "-n", "2", "-w", "1", "--format", "csv"]),
+            .args([
+                "-b", "1K", "-e", "2M", "-f", "8", "-n", "2", "-w", "1", "--format", "csv",
+            ]),
         JOB_LIMIT,
     );
     assert!(finished.status.success(), "ringleader-bench failed");
 
-    let lines: Vec<&str> = finished.stdout.lines().filter(|l| !l.starts_with("ranks,")).collect();
+    let lines: Vec<&str> = finished
+        .stdout
+        .lines()
+        .filter(|l| !l.starts_with("ranks,"))
+        .collect();
     // 1K, 8K, 64K, 512K for each of all_sum and all_gather.
     assert_eq!(lines.len(), 8, "{lines:?}");
     for line in &lines {
@@ -39,7 +45,11 @@ fn bench_without_its_peer_fails_with_ring_error() {
     let dir = tempfile::tempdir().unwrap();
     let base = port_base();
     let hostfile = dir.path().join("hosts.json");
-    std::fs::write(&hostfile, format!(r#"[["127.0.0.1:{base}"], ["127.0.0.1:{}"]]"#, base + 1)).unwrap();
+    std::fs::write(
+        &hostfile,
+        format!(r#"[["127.0.0.1:{base}"], ["127.0.0.1:{}"]]"#, base + 1),
+    )
+    .unwrap();
 
     // Rank 0 alone, without a launcher: rank 1 never starts.
     let finished = run_with_limit(
@@ -49,18 +59,42 @@ fn bench_without_its_peer_fails_with_ring_error() {
             .env("RINGLEADER_RING_CONNECT_TIMEOUT", "1"),
         JOB_LIMIT,
     );
-    assert_eq!(finished.status.code(), Some(3), "exit status for a ring failure");
+    assert_eq!(
+        finished.status.code(),
+        Some(3),
+        "exit status for a ring failure"
+    );
     assert!(finished.stderr.contains("rank 1"), "{}", finished.stderr);
-    assert!(finished.stderr.contains("RINGLEADER_RING_CONNECT_TIMEOUT"), "{}", finished.stderr);
-    assert!(finished.elapsed.as_secs_f64() < 10.0, "gave up after {:?}", finished.elapsed);
+    assert!(
+        finished.stderr.contains("RINGLEADER_RING_CONNECT_TIMEOUT"),
+        "{}",
+        finished.stderr
+    );
+    assert!(
+        finished.elapsed.as_secs_f64() < 10.0,
+        "gave up after {:?}",
+        finished.elapsed
+    );
 }
 
 #[test]
 fn bench_help_explains_usage_and_units() {
-    let finished = run_with_limit(Command::new(launcher_bin("ringleader-bench")).arg("--help"), JOB_LIMIT);
+    let finished = run_with_limit(
+        Command::new(launcher_bin("ringleader-bench")).arg("--help"),
+        JOB_LIMIT,
+    );
     assert!(finished.status.success());
-    for expected in ["ringleader -n 2 -- ringleader-bench", "busbw_GBps", "--min-bytes", "--dtype", "Exit status"] {
-        assert!(finished.stdout.contains(expected), "--help lacks {expected:?}");
+    for expected in [
+        "ringleader -n 2 -- ringleader-bench",
+        "busbw_GBps",
+        "--min-bytes",
+        "--dtype",
+        "Exit status",
+    ] {
+        assert!(
+            finished.stdout.contains(expected),
+            "--help lacks {expected:?}"
+        );
     }
 }
 
@@ -87,10 +121,14 @@ fn bench_survivors_exit_when_rank_is_killed() {
     let dir = tempfile::tempdir().unwrap();
     let base = port_base();
     let hostfile = dir.path().join("hosts.json");
-    let table: Vec<String> = (0..3).map(|r| format!(r#"["127.0.0.1:{}"]"#, base + r)).collect();
+    let table: Vec<String> = (0..3)
+        .map(|r| format!(r#"["127.0.0.1:{}"]"#, base + r))
+        .collect();
     std::fs::write(&hostfile, format!("[{}]", table.join(","))).unwrap();
 
-    let mut ranks: Vec<_> = (0..3).map(|rank| start_bench_rank(rank, &hostfile)).collect();
+    let mut ranks: Vec<_> = (0..3)
+        .map(|rank| start_bench_rank(rank, &hostfile))
+        .collect();
 
     // Rank 0 prints its header after a barrier, so every rank has joined the
     // ring; from then on each one spends nearly all its time in all_sum.
@@ -121,10 +159,21 @@ fn bench_survivors_exit_when_rank_is_killed() {
             std::thread::sleep(Duration::from_millis(20));
         };
         let mut stderr = String::new();
-        ranks[rank].stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-        println!("rank {rank} ({status:?}) after {:?}: {stderr}", killed_at.elapsed());
+        ranks[rank]
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        println!(
+            "rank {rank} ({status:?}) after {:?}: {stderr}",
+            killed_at.elapsed()
+        );
         assert_eq!(status.code(), Some(3), "rank {rank} exit status");
-        assert!(stderr.contains("lost the connection to rank"), "rank {rank}: {stderr}");
+        assert!(
+            stderr.contains("lost the connection to rank"),
+            "rank {rank}: {stderr}"
+        );
     }
 }
 
@@ -143,7 +192,11 @@ fn bench_with_empty_hostfile_runs_one_rank() {
         JOB_LIMIT,
     );
     assert!(finished.status.success(), "one-rank bench failed");
-    assert!(finished.stdout.contains("\n1,0,float32,all_sum,4096,"), "{}", finished.stdout);
+    assert!(
+        finished.stdout.contains("\n1,0,float32,all_sum,4096,"),
+        "{}",
+        finished.stdout
+    );
 }
 
 #[test]
@@ -158,6 +211,14 @@ fn bench_with_invalid_rank_names_the_variable() {
             .env("MLX_HOSTFILE", &hostfile),
         JOB_LIMIT,
     );
-    assert_eq!(finished.status.code(), Some(3), "exit status for a ring failure");
-    assert!(finished.stderr.contains("invalid MLX_RANK=\"first\""), "{}", finished.stderr);
+    assert_eq!(
+        finished.status.code(),
+        Some(3),
+        "exit status for a ring failure"
+    );
+    assert!(
+        finished.stderr.contains("invalid MLX_RANK=\"first\""),
+        "{}",
+        finished.stderr
+    );
 }

@@ -36,8 +36,12 @@ async fn survivors_fail_when_rank_dies() {
         if group.rank() == 2 {
             // Rank 2 dies 50 ms into the collective: its future is dropped
             // and its sockets close, as when the process is killed.
-            let cut = tokio::time::timeout(Duration::from_millis(50), group.all_sum(&mut data)).await;
-            assert!(cut.is_err(), "the all_sum was still running when rank 2 died");
+            let cut =
+                tokio::time::timeout(Duration::from_millis(50), group.all_sum(&mut data)).await;
+            assert!(
+                cut.is_err(),
+                "the all_sum was still running when rank 2 died"
+            );
             drop(group);
             return (2, Instant::now(), None);
         }
@@ -52,11 +56,20 @@ async fn survivors_fail_when_rank_dies() {
         let err = result.expect_err("a survivor's all_sum fails");
         let message = err.to_string();
         println!("rank {rank}: {message}");
-        assert!(matches!(err, RingError::PeerLost { .. }), "rank {rank}: {message}");
-        assert!(message.contains("lost the connection to rank"), "rank {rank}: {message}");
+        assert!(
+            matches!(err, RingError::PeerLost { .. }),
+            "rank {rank}: {message}"
+        );
+        assert!(
+            message.contains("lost the connection to rank"),
+            "rank {rank}: {message}"
+        );
         assert!(message.contains("127.0.0.1:"), "rank {rank}: {message}");
         let waited = finished_at.saturating_duration_since(died_at);
-        assert!(waited < NOTICE_LIMIT, "rank {rank} noticed after {waited:?}");
+        assert!(
+            waited < NOTICE_LIMIT,
+            "rank {rank} noticed after {waited:?}"
+        );
     }
 }
 
@@ -82,7 +95,12 @@ async fn neighbours_of_dead_rank_name_it() {
         .map(|(rank, result)| format!("rank {rank}: {}", result.unwrap_err()))
         .collect();
     println!("{messages:#?}");
-    assert!(messages.iter().any(|m| m.contains("connection to rank 1 at 127.0.0.1:")), "{messages:?}");
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("connection to rank 1 at 127.0.0.1:")),
+        "{messages:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,7 +118,10 @@ async fn failed_group_rejects_further_operations() {
     .await;
 
     let (first, second) = results.into_iter().flatten().next().unwrap();
-    assert!(matches!(first, Err(RingError::PeerLost { .. })), "{first:?}");
+    assert!(
+        matches!(first, Err(RingError::PeerLost { .. })),
+        "{first:?}"
+    );
     let second = second.unwrap_err().to_string();
     assert!(second.contains("group is unusable"), "{second}");
 }
@@ -129,13 +150,22 @@ async fn silent_peer_hits_the_operation_timeout() {
     let err = active.all_sum(&mut data).await.unwrap_err();
     let waited = started.elapsed();
     assert!(matches!(err, RingError::OpTimeout { .. }), "{err}");
-    assert!(waited >= Duration::from_millis(300), "timed out early, after {waited:?}");
-    assert!(waited < Duration::from_secs(5), "timed out late, after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(300),
+        "timed out early, after {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "timed out late, after {waited:?}"
+    );
 
     // Rank 0 closed its sockets on the timeout, so rank 1 fails at once.
     gave_up.send(()).unwrap();
     let late = silent_task.await.unwrap().unwrap_err();
-    assert!(matches!(late, RingError::PeerLost { peer: 0, .. }), "{late}");
+    assert!(
+        matches!(late, RingError::PeerLost { peer: 0, .. }),
+        "{late}"
+    );
 }
 
 #[tokio::test]
@@ -144,7 +174,9 @@ async fn connect_gives_up_when_neighbour_never_starts() {
         connect_timeout: Duration::from_secs(1),
         ..RingOptions::default()
     };
-    let rank0 = BoundRank::bind(TokioNet, &[any_port()], options.clone()).await.unwrap();
+    let rank0 = BoundRank::bind(TokioNet, &[any_port()], options.clone())
+        .await
+        .unwrap();
     let absent = released_port().await;
     let table = AddressTable::new(vec![rank0.local_addrs().unwrap(), vec![absent]]).unwrap();
 
@@ -156,10 +188,19 @@ async fn connect_gives_up_when_neighbour_never_starts() {
     let waited = started.elapsed();
     let message = err.to_string();
     println!("{message}");
-    assert!(waited >= Duration::from_millis(900), "gave up early, after {waited:?}");
-    assert!(waited < Duration::from_secs(5), "gave up late, after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(900),
+        "gave up early, after {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "gave up late, after {waited:?}"
+    );
     assert!(message.contains("rank 1"), "{message}");
-    assert!(message.contains("RINGLEADER_RING_CONNECT_TIMEOUT"), "{message}");
+    assert!(
+        message.contains("RINGLEADER_RING_CONNECT_TIMEOUT"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
@@ -169,8 +210,12 @@ async fn accept_gives_up_when_left_neighbour_never_connects() {
         ..RingOptions::default()
     };
     // Ranks 0 and 1 of three start; rank 2 never does.
-    let rank0 = BoundRank::bind(TokioNet, &[any_port()], options.clone()).await.unwrap();
-    let rank1 = BoundRank::bind(TokioNet, &[any_port()], options.clone()).await.unwrap();
+    let rank0 = BoundRank::bind(TokioNet, &[any_port()], options.clone())
+        .await
+        .unwrap();
+    let rank1 = BoundRank::bind(TokioNet, &[any_port()], options.clone())
+        .await
+        .unwrap();
     let table = AddressTable::new(vec![
         rank0.local_addrs().unwrap(),
         rank1.local_addrs().unwrap(),
@@ -182,10 +227,18 @@ async fn accept_gives_up_when_left_neighbour_never_connects() {
         let table = table.clone();
         async move { rank1.join(1, &table).await.err().map(|e| e.to_string()) }
     });
-    let err = rank0.join(0, &table).await.err().expect("rank 0 cannot form the ring").to_string();
+    let err = rank0
+        .join(0, &table)
+        .await
+        .err()
+        .expect("rank 0 cannot form the ring")
+        .to_string();
     println!("rank 0: {err}");
     assert!(err.contains("waiting for rank 2 to connect"), "{err}");
-    let err1 = joining1.await.unwrap().expect("rank 1 cannot form the ring either");
+    let err1 = joining1
+        .await
+        .unwrap()
+        .expect("rank 1 cannot form the ring either");
     println!("rank 1: {err1}");
     assert!(err1.contains("connecting to rank 2"), "{err1}");
 }
@@ -203,7 +256,10 @@ async fn busy_port_error_names_the_port() {
     let message = err.to_string();
     assert!(matches!(err, RingError::Bind { .. }), "{message}");
     assert!(message.contains(&addr.to_string()), "{message}");
-    assert!(message.contains(&format!("port {}", addr.port())), "{message}");
+    assert!(
+        message.contains(&format!("port {}", addr.port())),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,8 +267,12 @@ async fn stray_connection_to_formed_ring_is_closed() {
     // Another job reusing this job's ports connects after the ring formed:
     // it must be turned away, not left hanging or taken for a neighbour.
     let any = any_port();
-    let bound = BoundRank::bind(TokioNet, &[any], RingOptions::default()).await.unwrap();
-    let other = BoundRank::bind(TokioNet, &[any], RingOptions::default()).await.unwrap();
+    let bound = BoundRank::bind(TokioNet, &[any], RingOptions::default())
+        .await
+        .unwrap();
+    let other = BoundRank::bind(TokioNet, &[any], RingOptions::default())
+        .await
+        .unwrap();
     let addrs = vec![bound.local_addrs().unwrap(), other.local_addrs().unwrap()];
     let table = AddressTable::new(addrs.clone()).unwrap();
     let (a, b) = tokio::join!(bound.join(0, &table), other.join(1, &table));

@@ -8,8 +8,8 @@ use ring_support::{input, loopback_ring, on_every_rank, reference, Op, Rng, Test
 use ringleader::ring::{Group, RingOptions};
 
 const DTYPES: [&str; 12] = [
-    "float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "uint16",
-    "uint32", "uint64",
+    "float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8",
+    "uint16", "uint32", "uint64",
 ];
 
 #[derive(Debug, Clone, Copy)]
@@ -37,7 +37,12 @@ fn cases(seed: u64, size: usize, count: usize) -> Vec<Case> {
             };
             let op = [Op::Sum, Op::Max, Op::Min, Op::Gather][rng.below(4) as usize];
             let dtype = DTYPES[rng.below(DTYPES.len() as u64) as usize];
-            Case { index, dtype, op, len }
+            Case {
+                index,
+                dtype,
+                op,
+                len,
+            }
         })
         .collect()
 }
@@ -63,7 +68,9 @@ async fn check<T: TestValue>(group: &mut Group, seed: u64, case: Case) -> Result
     let got = outcome.map_err(|err| format!("rank {rank}: {case:?} failed: {err}"))?;
 
     let want: Vec<T> = reference(case.op, seed, case.index, size, case.len);
-    if let Some(i) = (0..want.len()).find(|&i| bytemuck::bytes_of(&got[i]) != bytemuck::bytes_of(&want[i])) {
+    if let Some(i) =
+        (0..want.len()).find(|&i| bytemuck::bytes_of(&got[i]) != bytemuck::bytes_of(&want[i]))
+    {
         return Err(format!(
             "rank {rank} of {size}: {case:?} differs at element {i}: got {:?}, expected {:?}",
             got[i], want[i]
@@ -120,7 +127,12 @@ async fn large_sum_over_three_connections() {
     let len = 3 << 20;
     let groups = loopback_ring(size, 3, RingOptions::default()).await;
     let results = on_every_rank(groups, move |mut group| async move {
-        let case = Case { index: 0, dtype: "float32", op: Op::Sum, len };
+        let case = Case {
+            index: 0,
+            dtype: "float32",
+            op: Op::Sum,
+            len,
+        };
         run_case(&mut group, 7, case).await
     })
     .await;
@@ -140,7 +152,9 @@ async fn send_recv_between_neighbours_delivers_every_byte() {
                 })
                 .await;
                 for result in results {
-                    result.unwrap_or_else(|err| panic!("{size} ranks, {connections} connections, {len} bytes: {err}"));
+                    result.unwrap_or_else(|err| {
+                        panic!("{size} ranks, {connections} connections, {len} bytes: {err}")
+                    });
                 }
             }
         }
@@ -228,6 +242,10 @@ async fn barrier_returns_on_every_rank() {
 async fn all_gather_with_wrong_output_length_is_rejected() {
     let mut group = loopback_ring(2, 1, RingOptions::default()).await.remove(0);
     let mut output = [0u8; 3];
-    let err = group.all_gather(&[1u8, 2], &mut output).await.unwrap_err().to_string();
+    let err = group
+        .all_gather(&[1u8, 2], &mut output)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("output holds 3 elements"), "{err}");
 }

@@ -12,11 +12,13 @@ use std::path::Path;
 use std::process::Command;
 
 use ring_support::interop::{cases_to_json, Case};
-use ring_support::launch::{interop_rank_bin, launcher_bin, mlx_python, port_base, run_with_limit, workspace, JOB_LIMIT};
+use ring_support::launch::{
+    interop_rank_bin, launcher_bin, mlx_python, port_base, run_with_limit, workspace, JOB_LIMIT,
+};
 
 const DTYPES: [&str; 12] = [
-    "float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "uint16",
-    "uint32", "uint64",
+    "float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8",
+    "uint16", "uint32", "uint64",
 ];
 
 /// Lists the cases every ring of `size` ranks runs: every op and dtype on lengths
@@ -81,7 +83,10 @@ if [ "$role" = R ]; then exec "$1" "$4" "$5"; else exec "$2" "$3" "$4" "$5"; fi"
             .arg(pattern),
         JOB_LIMIT,
     );
-    assert!(finished.status.success(), "ring {pattern} with {connections} connections failed");
+    assert!(
+        finished.status.success(),
+        "ring {pattern} with {connections} connections failed"
+    );
 
     (0..pattern.len())
         .map(|rank| std::fs::read(out_dir.join(format!("rank{rank}.bin"))).unwrap())
@@ -93,7 +98,11 @@ if [ "$role" = R ]; then exec "$1" "$4" "$5"; else exec "$2" "$3" "$4" "$5"; fi"
 fn assert_same_bytes(pattern: &str, got: &[Vec<u8>], want: &[Vec<u8>], cases: &[Case]) {
     let size = pattern.len();
     for rank in 0..size {
-        assert_eq!(got[rank].len(), want[rank].len(), "{pattern}: rank {rank} output length");
+        assert_eq!(
+            got[rank].len(),
+            want[rank].len(),
+            "{pattern}: rank {rank} output length"
+        );
         let mut offset = 0;
         for (number, case) in cases.iter().enumerate() {
             let len = case.result_bytes(size);

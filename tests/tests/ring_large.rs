@@ -44,12 +44,19 @@ async fn send_recv_of_2_5_gib_arrives_intact() {
             group.send(&data, 1).await.map(|()| None)
         } else {
             let mut data = vec![0u8; len];
-            group.recv(&mut data, 0).await.map(|()| first_bad_stride(&data, 7))
+            group
+                .recv(&mut data, 0)
+                .await
+                .map(|()| first_bad_stride(&data, 7))
         }
     })
     .await;
     assert_eq!(results[0].as_ref().unwrap(), &None);
-    assert_eq!(results[1].as_ref().unwrap(), &None, "first corrupted stride");
+    assert_eq!(
+        results[1].as_ref().unwrap(),
+        &None,
+        "first corrupted stride"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,11 +71,17 @@ async fn all_gather_into_2_2_gib_arrives_intact() {
         let mut output = vec![0u8; 2 * len];
         group.all_gather(&input, &mut output).await.map(|()| {
             drop(input);
-            (0..2).map(|r| first_bad_stride(&output[r * len..(r + 1) * len], r as u64)).collect::<Vec<_>>()
+            (0..2)
+                .map(|r| first_bad_stride(&output[r * len..(r + 1) * len], r as u64))
+                .collect::<Vec<_>>()
         })
     })
     .await;
     for (rank, result) in results.into_iter().enumerate() {
-        assert_eq!(result.unwrap(), vec![None, None], "rank {rank}: first corrupted stride per block");
+        assert_eq!(
+            result.unwrap(),
+            vec![None, None],
+            "rank {rank}: first corrupted stride per block"
+        );
     }
 }

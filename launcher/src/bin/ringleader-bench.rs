@@ -64,7 +64,13 @@ struct Args {
     dtype: Dtype,
 
     /// Operations to run, comma-separated.
-    #[arg(short = 'o', long, value_enum, value_delimiter = ',', default_value = "all-sum,all-gather")]
+    #[arg(
+        short = 'o',
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "all-sum,all-gather"
+    )]
     ops: Vec<Op>,
 
     /// Output format of rank 0's report.
@@ -103,15 +109,23 @@ fn parse_size(text: &str) -> Result<usize, String> {
         Some((i, _)) => text.split_at(i),
         None => (text, ""),
     };
-    let value: usize = digits.parse().map_err(|_| format!("invalid size {text:?}; expected a number with an optional K, M or G suffix"))?;
+    let value: usize = digits.parse().map_err(|_| {
+        format!("invalid size {text:?}; expected a number with an optional K, M or G suffix")
+    })?;
     let scale = match unit.to_ascii_uppercase().as_str() {
         "" | "B" => 1,
         "K" | "KB" | "KIB" => 1 << 10,
         "M" | "MB" | "MIB" => 1 << 20,
         "G" | "GB" | "GIB" => 1 << 30,
-        _ => return Err(format!("invalid size unit {unit:?} in {text:?}; use K, M or G")),
+        _ => {
+            return Err(format!(
+                "invalid size unit {unit:?} in {text:?}; use K, M or G"
+            ))
+        }
     };
-    value.checked_mul(scale).ok_or_else(|| format!("size {text:?} is too large"))
+    value
+        .checked_mul(scale)
+        .ok_or_else(|| format!("size {text:?} is too large"))
 }
 
 /// A benchmark element type: small integers convert exactly.
@@ -278,11 +292,17 @@ async fn bench_all_sum<T: BenchValue>(
         *x = T::from_small(input_value(rank, i));
     }
     group.all_sum(data).await?;
-    let correct = data.iter().enumerate().all(|(i, x)| *x == T::from_small(expected_sum(size, i)));
+    let correct = data
+        .iter()
+        .enumerate()
+        .all(|(i, x)| *x == T::from_small(expected_sum(size, i)));
 
     // The timed iterations keep summing the same buffer: the values stop
     // being meaningful, the traffic does not change.
-    let seconds = time_iterations(group, args, async |group: &mut Group| group.all_sum(data).await).await?;
+    let seconds = time_iterations(group, args, async |group: &mut Group| {
+        group.all_sum(data).await
+    })
+    .await?;
     Ok(Measurement {
         op: Op::AllSum,
         bytes: count * std::mem::size_of::<T>(),
@@ -311,8 +331,10 @@ async fn bench_all_gather<T: BenchValue>(
         .all(|(j, x)| *x == T::from_small(input_value(j / per_rank.max(1), j % per_rank.max(1))));
 
     let input = &input[..];
-    let seconds =
-        time_iterations(group, args, async |group: &mut Group| group.all_gather(input, output).await).await?;
+    let seconds = time_iterations(group, args, async |group: &mut Group| {
+        group.all_gather(input, output).await
+    })
+    .await?;
     Ok(Measurement {
         op: Op::AllGather,
         bytes: per_rank * size * std::mem::size_of::<T>(),
@@ -379,7 +401,9 @@ fn print_header(group: &Group, args: &Args) {
                 "size_bytes", "count", "op", "time_us", "algbw_GBps", "busbw_GBps", "check"
             );
         }
-        Format::Csv => println!("ranks,connections,dtype,op,size_bytes,count,time_us,algbw_GBps,busbw_GBps,check"),
+        Format::Csv => println!(
+            "ranks,connections,dtype,op,size_bytes,count,time_us,algbw_GBps,busbw_GBps,check"
+        ),
     }
 }
 

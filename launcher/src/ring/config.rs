@@ -3,7 +3,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::time::Duration;
+
+use tokio::time::Duration;
 
 use super::error::RingError;
 
@@ -62,7 +63,9 @@ impl AddressTable {
             let mut addrs = Vec::with_capacity(entry.len());
             for addr in entry {
                 let parsed = addr.parse::<SocketAddr>().map_err(|_| {
-                    invalid(format!("rank {rank}: {addr:?} is not an \"ip:port\" address"))
+                    invalid(format!(
+                        "rank {rank}: {addr:?} is not an \"ip:port\" address"
+                    ))
                 })?;
                 addrs.push(parsed);
             }
@@ -163,16 +166,21 @@ pub fn rank_and_table_from_env() -> Result<Option<(usize, Option<AddressTable>)>
             return Err(RingError::InvalidEnv {
                 var,
                 value,
-                reason: format!("it must be set together with the other ring variable (got {other:?})"),
+                reason: format!(
+                    "it must be set together with the other ring variable (got {other:?})"
+                ),
             });
         }
     };
 
-    let rank: usize = rank_text.trim().parse().map_err(|_| RingError::InvalidEnv {
-        var: RANK_VAR,
-        value: rank_text.clone(),
-        reason: "expected a rank number (0, 1, ...)".into(),
-    })?;
+    let rank: usize = rank_text
+        .trim()
+        .parse()
+        .map_err(|_| RingError::InvalidEnv {
+            var: RANK_VAR,
+            value: rank_text.clone(),
+            reason: "expected a rank number (0, 1, ...)".into(),
+        })?;
     let path = Path::new(&path);
     let text = std::fs::read_to_string(path).map_err(|source| RingError::HostfileRead {
         path: path.to_owned(),
@@ -181,7 +189,10 @@ pub fn rank_and_table_from_env() -> Result<Option<(usize, Option<AddressTable>)>
     if text.trim().is_empty() {
         return Ok(Some((rank, None)));
     }
-    Ok(Some((rank, Some(AddressTable::parse_hostfile(&text, path)?))))
+    Ok(Some((
+        rank,
+        Some(AddressTable::parse_hostfile(&text, path)?),
+    )))
 }
 
 #[cfg(test)]
@@ -194,7 +205,9 @@ mod tests {
 
     #[test]
     fn hostfile_as_mlx_launch_writes_it() {
-        let table = parse(r#"[["127.0.0.1:5000", "127.0.0.1:5001"], ["10.0.0.2:5002", "10.0.0.2:5003"]]"#).unwrap();
+        let table =
+            parse(r#"[["127.0.0.1:5000", "127.0.0.1:5001"], ["10.0.0.2:5002", "10.0.0.2:5003"]]"#)
+                .unwrap();
         assert_eq!(table.size(), 2);
         assert_eq!(table.connections(), 2);
         assert_eq!(table.addrs(1)[1], "10.0.0.2:5003".parse().unwrap());
@@ -211,7 +224,8 @@ mod tests {
 
     #[test]
     fn hostfile_with_uneven_connection_counts_is_rejected() {
-        let err = parse(r#"[["127.0.0.1:5000"], ["127.0.0.1:5001", "127.0.0.1:5002"]]"#).unwrap_err();
+        let err =
+            parse(r#"[["127.0.0.1:5000"], ["127.0.0.1:5001", "127.0.0.1:5002"]]"#).unwrap_err();
         assert!(err.to_string().contains("rank 1 has 2 addresses"), "{err}");
     }
 

@@ -18,11 +18,10 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
+use tokio::time::{Duration, Instant};
 
 use super::config::{AddressTable, RingOptions};
 use super::error::RingError;
@@ -77,11 +76,16 @@ pub(crate) async fn bind_all<N: Net>(
 ) -> Result<Vec<N::Listener>, RingError> {
     let mut listeners = Vec::with_capacity(addrs.len());
     for &addr in addrs {
-        let bind_addr = options.bind_ip.map_or(addr, |ip| SocketAddr::new(ip, addr.port()));
+        let bind_addr = options
+            .bind_ip
+            .map_or(addr, |ip| SocketAddr::new(ip, addr.port()));
         let listener = net
             .bind(bind_addr)
             .await
-            .map_err(|source| RingError::Bind { addr: bind_addr, source })?;
+            .map_err(|source| RingError::Bind {
+                addr: bind_addr,
+                source,
+            })?;
         listeners.push(listener);
     }
     Ok(listeners)
@@ -100,12 +104,18 @@ pub(crate) async fn form_ring<N: Net>(
     let left = (rank + size - 1) % size;
     let right = (rank + 1) % size;
     let deadline = Instant::now() + options.connect_timeout;
-    tracing::debug!(rank, left, right, "accepting from the left and connecting to the right");
+    tracing::debug!(
+        rank,
+        left,
+        right,
+        "accepting from the left and connecting to the right"
+    );
 
     let accept_all = async {
         let mut links = Vec::new();
         for (listener, &addr) in listeners.iter_mut().zip(table.addrs(rank)) {
-            let (stream, peer_addr) = accept_before(listener, addr, left, deadline, options).await?;
+            let (stream, peer_addr) =
+                accept_before(listener, addr, left, deadline, options).await?;
             tracing::debug!(rank, peer = left, %peer_addr, on = %addr, "accepted ring connection");
             links.push(split_link(stream, left, peer_addr));
         }

@@ -194,7 +194,11 @@ mod tests {
     #[test]
     fn complex_sum_adds_parts() {
         let mut dst = [Complex64 { re: 1.0, im: 2.0 }];
-        apply(sum_fn::<Complex64>(), &mut dst, &[Complex64 { re: 0.5, im: -2.0 }]);
+        apply(
+            sum_fn::<Complex64>(),
+            &mut dst,
+            &[Complex64 { re: 0.5, im: -2.0 }],
+        );
         assert_eq!(dst[0], Complex64 { re: 1.5, im: 0.0 });
     }
 }

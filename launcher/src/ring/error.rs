@@ -3,7 +3,8 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+
+use tokio::time::Duration;
 
 /// Everything that can go wrong while forming a ring or running a collective.
 #[derive(Debug, thiserror::Error)]

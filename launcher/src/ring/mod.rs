@@ -139,7 +139,11 @@ pub struct BoundRank<N: Net> {
 impl<N: Net> BoundRank<N> {
     /// Binds one listener per address, in order (see
     /// [`RingOptions::bind_ip`]).
-    pub async fn bind(net: N, addrs: &[SocketAddr], options: RingOptions) -> Result<Self, RingError> {
+    pub async fn bind(
+        net: N,
+        addrs: &[SocketAddr],
+        options: RingOptions,
+    ) -> Result<Self, RingError> {
         let listeners = connect::bind_all(&net, addrs, &options).await?;
         Ok(BoundRank {
             net,
@@ -172,7 +176,8 @@ impl<N: Net> BoundRank<N> {
         if size == 1 {
             return Ok(Group::single());
         }
-        let (links, guard) = connect::form_ring(&self.net, rank, table, &self.options, self.listeners).await?;
+        let (links, guard) =
+            connect::form_ring(&self.net, rank, table, &self.options, self.listeners).await?;
         Ok(Group::formed(rank, table, self.options, links, guard))
     }
 }
@@ -211,7 +216,10 @@ impl<N: Net> Group<N> {
             return Ok(Group::single());
         }
 
-        BoundRank::bind(net, table.addrs(rank), options).await?.join(rank, table).await
+        BoundRank::bind(net, table.addrs(rank), options)
+            .await?
+            .join(rank, table)
+            .await
     }
 
     fn formed(
@@ -254,22 +262,29 @@ impl<N: Net> Group<N> {
 
     /// Replaces every element with its sum over all ranks.
     pub async fn all_sum<T: Element>(&mut self, data: &mut [T]) -> Result<(), RingError> {
-        self.all_reduce(ReduceOp::Sum, data, element::sum_fn::<T>()).await
+        self.all_reduce(ReduceOp::Sum, data, element::sum_fn::<T>())
+            .await
     }
 
     /// Replaces every element with its maximum over all ranks.
     pub async fn all_max<T: Ordered>(&mut self, data: &mut [T]) -> Result<(), RingError> {
-        self.all_reduce(ReduceOp::Max, data, element::max_fn::<T>()).await
+        self.all_reduce(ReduceOp::Max, data, element::max_fn::<T>())
+            .await
     }
 
     /// Replaces every element with its minimum over all ranks.
     pub async fn all_min<T: Ordered>(&mut self, data: &mut [T]) -> Result<(), RingError> {
-        self.all_reduce(ReduceOp::Min, data, element::min_fn::<T>()).await
+        self.all_reduce(ReduceOp::Min, data, element::min_fn::<T>())
+            .await
     }
 
     /// Concatenates every rank's `input`, in rank order, into `output`, which
     /// must hold `size * input.len()` elements.
-    pub async fn all_gather<T: Element>(&mut self, input: &[T], output: &mut [T]) -> Result<(), RingError> {
+    pub async fn all_gather<T: Element>(
+        &mut self,
+        input: &[T],
+        output: &mut [T],
+    ) -> Result<(), RingError> {
         const OP: &str = "all_gather";
         if output.len() != input.len() * self.size {
             return Err(RingError::InvalidArgument {
@@ -304,7 +319,8 @@ impl<N: Net> Group<N> {
         // MLX checks the right neighbour first, which matters with two ranks.
         let side = self.neighbour_side(OP, dst, [Side::Right, Side::Left])?;
         self.check_usable(OP)?;
-        let passes = schedule::point_to_point(size_of_val(data), self.connections, Some(side), None);
+        let passes =
+            schedule::point_to_point(size_of_val(data), self.connections, Some(side), None);
         let buf = SharedBuf::read_only(bytemuck::cast_slice(data));
         self.run(OP, buf, &passes, None).await
     }
@@ -317,7 +333,8 @@ impl<N: Net> Group<N> {
         // that two ranks pair one's right sockets with the other's left.
         let side = self.neighbour_side(OP, src, [Side::Left, Side::Right])?;
         self.check_usable(OP)?;
-        let passes = schedule::point_to_point(size_of_val(data), self.connections, None, Some(side));
+        let passes =
+            schedule::point_to_point(size_of_val(data), self.connections, None, Some(side));
         let buf = SharedBuf::new(bytemuck::cast_slice_mut(data));
         self.run(OP, buf, &passes, None).await
     }
@@ -352,7 +369,13 @@ impl<N: Net> Group<N> {
         }
 
         let elem_size = size_of::<T>();
-        let plan = schedule::all_reduce(self.rank, self.size, data.len(), elem_size, self.connections);
+        let plan = schedule::all_reduce(
+            self.rank,
+            self.size,
+            data.len(),
+            elem_size,
+            self.connections,
+        );
         let reduce = Some((reduce, elem_size));
         if plan.padded_len == data.len() {
             let buf = SharedBuf::new(bytemuck::cast_slice_mut(data));
@@ -368,7 +391,12 @@ impl<N: Net> Group<N> {
         Ok(())
     }
 
-    fn neighbour_side(&self, op: &'static str, peer: usize, order: [Side; 2]) -> Result<Side, RingError> {
+    fn neighbour_side(
+        &self,
+        op: &'static str,
+        peer: usize,
+        order: [Side; 2],
+    ) -> Result<Side, RingError> {
         if self.size == 1 {
             return Err(RingError::InvalidArgument {
                 op,
@@ -418,9 +446,18 @@ impl<N: Net> Group<N> {
         passes: &[Pass],
         reduce: Option<(ReduceFn, usize)>,
     ) -> Result<(), RingError> {
-        let links = self.links.as_mut().expect("a usable group of two or more ranks has links");
+        let links = self
+            .links
+            .as_mut()
+            .expect("a usable group of two or more ranks has links");
         self.in_flight = true;
-        let transfers = JoinTransfers::new(build_transfers(links, &mut self.staging, buf, passes, reduce));
+        let transfers = JoinTransfers::new(build_transfers(
+            links,
+            &mut self.staging,
+            buf,
+            passes,
+            reduce,
+        ));
         let outcome = match self.options.op_timeout {
             Some(after) => tokio::time::timeout(after, transfers).await.ok(),
             None => Some(transfers.await),
@@ -441,8 +478,15 @@ impl<N: Net> Group<N> {
     }
 
     fn peer_lost(&self, op: &'static str, err: TransferError) -> RingError {
-        let links = self.links.as_ref().expect("links are kept until the failure is recorded");
-        let side = if err.side == Side::Left { &links.left } else { &links.right };
+        let links = self
+            .links
+            .as_ref()
+            .expect("links are kept until the failure is recorded");
+        let side = if err.side == Side::Left {
+            &links.left
+        } else {
+            &links.right
+        };
         let link = &side[err.link];
         RingError::PeerLost {
             op,
@@ -453,7 +497,10 @@ impl<N: Net> Group<N> {
     }
 }
 
-type Halves<'a, S> = (Vec<Option<&'a mut ReadHalf<S>>>, Vec<Option<&'a mut WriteHalf<S>>>);
+type Halves<'a, S> = (
+    Vec<Option<&'a mut ReadHalf<S>>>,
+    Vec<Option<&'a mut WriteHalf<S>>>,
+);
 
 fn halves<S>(links: &mut [Link<S>]) -> Halves<'_, S> {
     links
@@ -482,15 +529,30 @@ where
         .iter()
         .map(|pass| {
             let reader = pass.recv_from.map(|side| {
-                let readers = if side == Side::Left { &mut left_readers } else { &mut right_readers };
-                readers[pass.link].take().expect("each socket direction serves one pass")
+                let readers = if side == Side::Left {
+                    &mut left_readers
+                } else {
+                    &mut right_readers
+                };
+                readers[pass.link]
+                    .take()
+                    .expect("each socket direction serves one pass")
             });
             let writer = pass.send_to.map(|side| {
-                let writers = if side == Side::Left { &mut left_writers } else { &mut right_writers };
-                writers[pass.link].take().expect("each socket direction serves one pass")
+                let writers = if side == Side::Left {
+                    &mut left_writers
+                } else {
+                    &mut right_writers
+                };
+                writers[pass.link]
+                    .take()
+                    .expect("each socket direction serves one pass")
             });
-            let staging = (pass.reduce_items > 0)
-                .then(|| staging.next().expect("at most two reducing passes per connection"));
+            let staging = (pass.reduce_items > 0).then(|| {
+                staging
+                    .next()
+                    .expect("at most two reducing passes per connection")
+            });
             Transfer::new(pass, buf, reader, writer, reduce, staging)
         })
         .collect()

@@ -129,7 +129,9 @@ pub fn all_reduce(
     }
 
     let nbytes = len * elem_size;
-    let parts = (2 * connections).min(nbytes / (size * MIN_SPLIT_BYTES)).max(1);
+    let parts = (2 * connections)
+        .min(nbytes / (size * MIN_SPLIT_BYTES))
+        .max(1);
     let step = ceil_div(len, parts);
     let passes = (0..parts)
         .map(|i| {
@@ -247,8 +249,16 @@ pub fn point_to_point(
                 link: i,
                 send_to: to,
                 recv_from: from,
-                sends: if to.is_some() { vec![range.clone()] } else { Vec::new() },
-                recvs: if from.is_some() { vec![range] } else { Vec::new() },
+                sends: if to.is_some() {
+                    vec![range.clone()]
+                } else {
+                    Vec::new()
+                },
+                recvs: if from.is_some() {
+                    vec![range]
+                } else {
+                    Vec::new()
+                },
                 reduce_items: 0,
                 send_lead: usize::MAX,
                 recv_lead: usize::MAX,

@@ -151,10 +151,21 @@ where
         reduce: Option<(ReduceFn, usize)>,
         staging: Option<&'a mut Staging>,
     ) -> Self {
-        assert_eq!(reader.is_some(), !pass.recvs.is_empty(), "reader matches the pass");
-        assert_eq!(writer.is_some(), !pass.sends.is_empty(), "writer matches the pass");
+        assert_eq!(
+            reader.is_some(),
+            !pass.recvs.is_empty(),
+            "reader matches the pass"
+        );
+        assert_eq!(
+            writer.is_some(),
+            !pass.sends.is_empty(),
+            "writer matches the pass"
+        );
         let needs_staging = pass.reduce_items > 0;
-        assert!(!needs_staging || (reduce.is_some() && staging.is_some()), "reduce pass has a reduction");
+        assert!(
+            !needs_staging || (reduce.is_some() && staging.is_some()),
+            "reduce pass has a reduction"
+        );
         Transfer {
             pass,
             buf,
@@ -183,7 +194,11 @@ where
 
     /// Writes as much as the socket takes and the schedule allows. Returns
     /// whether any byte was written; `blocked` is set when the socket is full.
-    fn poll_send(&mut self, cx: &mut Context<'_>, blocked: &mut bool) -> Result<bool, TransferError> {
+    fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        blocked: &mut bool,
+    ) -> Result<bool, TransferError> {
         let mut progress = false;
         while let Some(range) = self.pass.sends.get(self.send_item) {
             let remaining = range.len() - self.send_offset;
@@ -192,7 +207,11 @@ where
                 self.send_offset = 0;
                 continue;
             }
-            let allowed = self.pass.send_lead.saturating_add(self.applied).saturating_sub(self.sent);
+            let allowed = self
+                .pass
+                .send_lead
+                .saturating_add(self.applied)
+                .saturating_sub(self.sent);
             let len = remaining.min(allowed).min(MAX_IO_BYTES);
             if len == 0 {
                 break;
@@ -224,7 +243,11 @@ where
 
     /// Reads as much as has arrived and the schedule allows. Returns whether
     /// any byte was read; `blocked` is set when no data is waiting.
-    fn poll_recv(&mut self, cx: &mut Context<'_>, blocked: &mut bool) -> Result<bool, TransferError> {
+    fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+        blocked: &mut bool,
+    ) -> Result<bool, TransferError> {
         let mut progress = false;
         while let Some(range) = self.pass.recvs.get(self.recv_item) {
             let remaining = range.len() - self.recv_offset;
@@ -234,17 +257,27 @@ where
                 continue;
             }
             let received = self.applied + self.staged;
-            let allowed = self.pass.recv_lead.saturating_add(self.sent).saturating_sub(received);
+            let allowed = self
+                .pass
+                .recv_lead
+                .saturating_add(self.sent)
+                .saturating_sub(received);
             let reducing = self.recv_item < self.pass.reduce_items;
 
             let read = if reducing {
                 let staging = self.staging.as_mut().expect("reduce pass has staging");
-                let len = (remaining - self.staged).min(allowed).min(staging.len() - self.staged);
+                let len = (remaining - self.staged)
+                    .min(allowed)
+                    .min(staging.len() - self.staged);
                 if len == 0 {
                     break;
                 }
                 let target = &mut staging[self.staged..self.staged + len];
-                poll_read_into(self.reader.as_mut().expect("pass with recvs has a reader"), cx, target)
+                poll_read_into(
+                    self.reader.as_mut().expect("pass with recvs has a reader"),
+                    cx,
+                    target,
+                )
             } else {
                 let len = remaining.min(allowed).min(MAX_IO_BYTES);
                 if len == 0 {
@@ -253,12 +286,19 @@ where
                 // SAFETY: the range was sent before (see `recv_lead`), and
                 // no send reads it until this item is applied.
                 let target = unsafe { self.buf.slice_mut(range.start + self.recv_offset, len) };
-                poll_read_into(self.reader.as_mut().expect("pass with recvs has a reader"), cx, target)
+                poll_read_into(
+                    self.reader.as_mut().expect("pass with recvs has a reader"),
+                    cx,
+                    target,
+                )
             };
 
             match read {
                 Poll::Ready(Ok(0)) => {
-                    let err = io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed by the peer");
+                    let err = io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed by the peer",
+                    );
                     return Err(self.error(self.pass.recv_from, err));
                 }
                 Poll::Ready(Ok(n)) if reducing => {
@@ -324,7 +364,9 @@ where
                 "internal error: transfer stalled with {} bytes sent and {} applied",
                 self.sent, self.applied
             ));
-            return Poll::Ready(Err(self.error(self.pass.send_to.or(self.pass.recv_from), err)));
+            return Poll::Ready(Err(
+                self.error(self.pass.send_to.or(self.pass.recv_from), err)
+            ));
         }
     }
 

@@ -108,10 +108,16 @@ impl InteropValue for bf16 {
 /// Returns the input of `rank` for case number `case`.
 pub fn input_of<T: InteropValue>(case: usize, rank: usize, len: usize) -> Vec<T> {
     let base = (rank as u64) * 1_000_003 + (case as u64) * 7919;
-    (0..len as u64).map(|i| T::from_key(i.wrapping_mul(31).wrapping_add(base))).collect()
+    (0..len as u64)
+        .map(|i| T::from_key(i.wrapping_mul(31).wrapping_add(base)))
+        .collect()
 }
 
-async fn run_typed<T: InteropValue>(group: &mut Group, case: &Case, number: usize) -> Result<Vec<u8>, RingError> {
+async fn run_typed<T: InteropValue>(
+    group: &mut Group,
+    case: &Case,
+    number: usize,
+) -> Result<Vec<u8>, RingError> {
     let (rank, size) = (group.rank(), group.size());
     let mut data: Vec<T> = input_of(number, rank, case.len);
     match case.op.as_str() {

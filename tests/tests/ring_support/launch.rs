@@ -14,7 +14,10 @@ pub const MLX_VERSION: &str = "0.32.4";
 pub const JOB_LIMIT: Duration = Duration::from_secs(180);
 
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn target_dir() -> PathBuf {
@@ -52,7 +55,8 @@ pub fn launcher_bin(name: &str) -> PathBuf {
 /// (tests/examples/ring_interop_rank.rs), built once per test process.
 pub fn interop_rank_bin() -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| cargo_build(&["-p", "ringleader-tests", "--example", "ring_interop_rank"]));
+    BUILT
+        .get_or_init(|| cargo_build(&["-p", "ringleader-tests", "--example", "ring_interop_rank"]));
     target_dir().join("debug/examples/ring_interop_rank")
 }
 
@@ -134,7 +138,10 @@ fn abbreviate(text: &str) -> String {
     if text.len() <= SHOWN {
         return text.to_string();
     }
-    let cut = text.char_indices().nth(SHOWN).map_or(text.len(), |(i, _)| i);
+    let cut = text
+        .char_indices()
+        .nth(SHOWN)
+        .map_or(text.len(), |(i, _)| i);
     format!("{}\n[... {} more bytes]", &text[..cut], text.len() - cut)
 }
 
@@ -163,13 +170,33 @@ pub fn mlx_python() -> PathBuf {
             }
             println!("creating {} with mlx[cpu]=={MLX_VERSION}", venv.display());
             let _ = std::fs::remove_dir_all(&venv);
-            let created = Command::new("python3").args(["-m", "venv"]).arg(&venv).status();
-            assert!(created.is_ok_and(|s| s.success()), "python3 -m venv {} failed", venv.display());
-            let installed = Command::new(&python)
-                .args(["-m", "pip", "install", "--quiet", &format!("mlx[cpu]=={MLX_VERSION}")])
+            let created = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
                 .status();
-            assert!(installed.is_ok_and(|s| s.success()), "pip install mlx[cpu]=={MLX_VERSION} failed");
-            assert!(has_mlx(&python), "{} cannot import mlx {MLX_VERSION}", python.display());
+            assert!(
+                created.is_ok_and(|s| s.success()),
+                "python3 -m venv {} failed",
+                venv.display()
+            );
+            let installed = Command::new(&python)
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    &format!("mlx[cpu]=={MLX_VERSION}"),
+                ])
+                .status();
+            assert!(
+                installed.is_ok_and(|s| s.success()),
+                "pip install mlx[cpu]=={MLX_VERSION} failed"
+            );
+            assert!(
+                has_mlx(&python),
+                "{} cannot import mlx {MLX_VERSION}",
+                python.display()
+            );
             python
         })
         .clone()
@@ -179,5 +206,7 @@ fn has_mlx(python: &Path) -> bool {
     Command::new(python)
         .args(["-c", "import mlx.core as mx; print(mx.__version__)"])
         .output()
-        .is_ok_and(|out| out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == MLX_VERSION)
+        .is_ok_and(|out| {
+            out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == MLX_VERSION
+        })
 }

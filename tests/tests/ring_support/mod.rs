@@ -20,9 +20,14 @@ pub async fn loopback_ring(size: usize, connections: usize, options: RingOptions
     let mut bound = Vec::new();
     for _ in 0..size {
         let addrs = vec![any_port; connections];
-        bound.push(BoundRank::bind(TokioNet, &addrs, options.clone()).await.unwrap());
+        bound.push(
+            BoundRank::bind(TokioNet, &addrs, options.clone())
+                .await
+                .unwrap(),
+        );
     }
-    let table = AddressTable::new(bound.iter().map(|b| b.local_addrs().unwrap()).collect()).unwrap();
+    let table =
+        AddressTable::new(bound.iter().map(|b| b.local_addrs().unwrap()).collect()).unwrap();
 
     let joins: Vec<_> = bound
         .into_iter()
@@ -111,7 +116,9 @@ test_values! {
 /// Returns the input of `rank` for case `case` of a run with `seed`.
 pub fn input<T: TestValue>(seed: u64, case: usize, rank: usize, len: usize) -> Vec<T> {
     let mut rng = Rng::new(seed ^ ((case as u64) << 20) ^ ((rank as u64) << 40));
-    (0..len).map(|_| T::from_small(rng.below(9) as i8 - 4)).collect()
+    (0..len)
+        .map(|_| T::from_small(rng.below(9) as i8 - 4))
+        .collect()
 }
 
 /// The operations the in-process and interop tests check.
