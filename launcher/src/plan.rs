@@ -1,8 +1,12 @@
 //! The launch plan: a pure function from hosts and options to one [`RankSpec`] per rank.
 //!
-//! The plan decides each rank's command, environment and files exactly as
+//! The plan decides each rank's command, environment and files as
 //! mlx.launch 0.32 does for the same flags, plus the generic variables other
-//! frameworks read (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, ...).
+//! frameworks read (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, ...). It differs
+//! where mlx.launch is wrong: one rank gets no empty `MLX_HOSTFILE`, and an
+//! nccl rank's `CUDA_VISIBLE_DEVICES` is its index on its host. JSON files
+//! such as `MLX_IBV_DEVICES` are written compactly, which JSON readers
+//! cannot tell apart from Python's `json.dumps` spacing.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
