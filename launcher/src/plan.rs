@@ -55,7 +55,7 @@ pub enum PlanError {
     InvalidEnv { entry: String, reason: String },
     #[error("--env {key}: {key} is not set in the launcher's environment\nhint: give a value with --env {key}=VALUE")]
     UnsetEnv { key: String },
-    #[error("the ring backend needs IP addresses, but host {index} ({host}) has none\nhint: list hosts by IP address in --hosts, or add \"ips\" to its hostfile entry")]
+    #[error("the ring backend needs IP addresses, but host {index} ({host}) has none\nhint: list hosts by IP address in --hosts, or add \"ips\" to its hostfile entry (ringleader config writes a hostfile with them)")]
     MissingIps { index: usize, host: String },
     #[error("the ring ports do not fit: --starting-port {start} plus {count} addresses goes past 65535\nhint: choose a lower --starting-port")]
     PortOverflow { start: u16, count: usize },

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use ringleader_tests::{finish, lines_of, read_until, ringleader, run, start, survivors_after, unique_marker};
 
-/// Open MPI refuses to run as root without this flag; the launcher never
+/// Open MPI rejects running as root without this flag. The launcher never
 /// adds it on its own, so the tests pass it the way users would.
 fn root_args() -> Vec<&'static str> {
     if nix::unistd::geteuid().is_root() {

@@ -80,7 +80,7 @@ fn healthy_cluster_passes_every_check() {
 }
 
 #[test]
-fn busy_port_and_unassigned_address_are_reported_on_their_rows() {
+fn busy_port_and_unassigned_address_rows() {
     let sshd = Sshd::start();
     let port = test_port_base();
     let busy = TcpListener::bind(("127.0.0.1", port + 1)).expect("plant a listener on rank 1's ring port");
@@ -117,7 +117,7 @@ fn busy_port_and_unassigned_address_are_reported_on_their_rows() {
 }
 
 #[test]
-fn unreachable_host_fails_its_ssh_row_and_skips_its_edge() {
+fn unreachable_host_fails_ssh_row() {
     let sshd = Sshd::start();
     let port = test_port_base();
     let hosts = serde_json::json!([
@@ -139,7 +139,7 @@ fn unreachable_host_fails_its_ssh_row_and_skips_its_edge() {
 }
 
 #[test]
-fn command_missing_on_the_host_is_reported_per_rank() {
+fn missing_command_fails_per_rank() {
     let sshd = Sshd::start();
     let hosts = serde_json::json!([{"ssh": "host-a", "ips": ["127.0.0.1"]}]);
     let output = doctor(&sshd, hosts, test_port_base(), &["/nonexistent/train"]);

@@ -227,7 +227,7 @@ fn jaccl_environment_matches_mlx_launch() {
 }
 
 #[test]
-fn nccl_gpu_is_the_rank_index_on_its_host() {
+fn nccl_gpu_is_local_rank() {
     let hosts = hostfile(r#"[{"ssh": "a", "ips": ["10.0.0.1"]}, {"ssh": "b"}, {"ssh": "a"}, {"ssh": "b"}]"#);
     let plan = build(&hosts, &options(Backend::Nccl), &no_env).unwrap();
     let gpus: Vec<String> = plan.ranks.iter().map(|spec| env_of(spec, "CUDA_VISIBLE_DEVICES").unwrap()).collect();
