@@ -10,7 +10,7 @@
 //! bodies, chunked uploads and upgraded (hijacked) exec streams.
 //!
 //! The socket lives in a directory only the current user can enter, because
-//! whoever reaches the Docker socket controls the machine.
+//! any process that reaches the Docker socket controls the machine.
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -21,7 +21,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::engine::ApiVersion;
 
-/// Longest request head (request line plus headers) the forwarder accepts.
+/// Maximum size of a request head (request line plus headers) the forwarder accepts.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// A running forwarder; it lives until the process exits.
@@ -98,7 +98,7 @@ async fn forward_connection(client: UnixStream, upstream: &Path, version: ApiVer
     forwarded
 }
 
-/// How the body of one request is framed, as announced by its headers.
+/// The framing of one request body, as its headers announce it.
 #[derive(Debug, PartialEq, Eq)]
 enum Framing {
     Empty,

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
-/// Where debootstrap downloads packages from.
+/// The archive debootstrap downloads packages from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AptSource {
     /// Archive root, e.g. the `URIs:` value of a deb822 entry.
@@ -63,7 +63,7 @@ impl AptSource {
     }
 }
 
-/// A suite debootstrap can install: a release name, not an update pocket.
+/// Returns whether debootstrap can install `suite`: a release name, not an update pocket.
 fn is_base_suite(suite: &str) -> bool {
     !suite.is_empty() && !suite.contains('-') && !suite.contains('/')
 }

@@ -1,9 +1,9 @@
 //! Connection to the local Docker engine.
 //!
 //! The engine's API version decides how we talk to it. bollard connects with
-//! the version it reads from the engine's `/_ping`, and testcontainers, which
-//! cannot be told a version, goes through [`crate::api_shim`] when the engine
-//! is older than the version its bollard requests.
+//! the version it reads from the engine's `/_ping`. testcontainers has no
+//! setting for the version, so it goes through [`crate::api_shim`] when the
+//! engine is older than the version its bollard requests.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -39,7 +39,7 @@ pub struct Engine {
     pub version: ApiVersion,
 }
 
-/// The engine socket, read from `DOCKER_HOST` before any shim replaced it.
+/// Returns the engine socket, read from `DOCKER_HOST` before any shim replaced it.
 fn engine_socket() -> &'static PathBuf {
     static SOCKET: OnceLock<PathBuf> = OnceLock::new();
     SOCKET.get_or_init(|| match std::env::var("DOCKER_HOST") {
@@ -102,7 +102,7 @@ fn route_testcontainers_through_shim(socket: &Path, server: ApiVersion) -> Resul
 }
 
 /// Read the engine's maximum API version from the `Api-Version` header of
-/// `GET /_ping`, which every engine answers without a version prefix.
+/// `GET /_ping`, which every engine serves without a version prefix.
 async fn ping_api_version(socket: &Path) -> Result<ApiVersion> {
     let unreachable = |source| Error::EngineUnreachable { socket: socket.to_path_buf(), source };
     let mut stream = UnixStream::connect(socket).await.map_err(unreachable)?;

@@ -17,7 +17,7 @@ pub struct ClusterFiles {
     pub hostfile: PathBuf,
 }
 
-/// What the files say about one node.
+/// The facts about one node that the generated files record.
 #[derive(Debug, Clone)]
 pub struct NodeEntry {
     /// ssh alias, also the container's hostname.
