@@ -314,6 +314,11 @@ impl<N: Net> Group<N> {
     /// Sends `data` to `dst`, which must be the left or right neighbour. The
     /// neighbour receives it with [`Group::recv`] into a slice of the same
     /// byte length.
+    ///
+    /// A message larger than the socket buffers completes only while the
+    /// neighbour receives it, so two ranks that exchange messages must not
+    /// both send first (MLX has the same rule); for example, let even ranks
+    /// send first and odd ranks receive first.
     pub async fn send<T: Element>(&mut self, data: &[T], dst: usize) -> Result<(), RingError> {
         const OP: &str = "send";
         // MLX checks the right neighbour first, which matters with two ranks.
