@@ -313,15 +313,15 @@ pub fn run_doctor(cli: DoctorCli) -> i32 {
     if cli.probe {
         return doctor::probe::run();
     }
-    let prepared = read_hosts(cli.hostfile.as_deref(), cli.hosts.as_deref(), cli.repeat_hosts as usize).and_then(|hostfile| {
-        let ring_table = plan::ring_address_table(&hostfile.hosts, cli.starting_port, cli.connections_per_ip)?;
+    let prepared = read_hosts(cli.hostfile.as_deref(), cli.hosts.as_deref(), cli.repeat_hosts as usize).and_then(|mut hostfile| {
+        let edges = doctor_edges(&cli, &mut hostfile)?;
         let command = match cli.command.first() {
             Some(program) => Some(resolve_command(program)?),
             None => None,
         };
-        Ok((hostfile, ring_table, command))
+        Ok((hostfile, edges, command))
     });
-    let (hostfile, ring_table, command) = match prepared {
+    let (hostfile, (listen, peers), command) = match prepared {
         Ok(prepared) => prepared,
         Err(error) => {
             eprintln!("ringleader doctor: error: {error}");
@@ -336,7 +336,8 @@ pub fn run_doctor(cli: DoctorCli) -> i32 {
         }
     };
     let options = DoctorOptions {
-        ring_table,
+        listen,
+        peers,
         command,
         probe_program,
         stage_timeout: Duration::from_secs_f64(cli.timeout),
@@ -366,6 +367,34 @@ pub fn run_doctor(cli: DoctorCli) -> i32 {
         } else {
             exit::FAILURE
         }
+    })
+}
+
+/// Picks the addresses doctor checks for the job's backend: the ring table,
+/// the coordinator of nccl and jaccl on rank 0, or none for mpi, whose
+/// ports mpirun chooses.
+fn doctor_edges(cli: &DoctorCli, hostfile: &mut Hostfile) -> Result<(Vec<Vec<String>>, Vec<Option<usize>>), LaunchError> {
+    let backend = match (cli.backend, hostfile.backend.take()) {
+        (Some(backend), _) => backend,
+        (None, Some(name)) => Backend::parse(&name).ok_or(LaunchError::UnknownBackend { name })?,
+        (None, None) => Backend::Ring,
+    };
+    let ranks = hostfile.hosts.len();
+    let coordinator = |port: u16| -> Result<String, LaunchError> {
+        let ip = hostfile.hosts[0].ips.first().ok_or_else(|| PlanError::MissingCoordinatorIp {
+            backend: backend.name(),
+            host: hostfile.hosts[0].ssh.clone(),
+        })?;
+        Ok(std::net::SocketAddr::new(ip.parse().expect("hostfile IPs are validated"), port).to_string())
+    };
+    Ok(match backend {
+        Backend::Ring => {
+            let table = plan::ring_address_table(&hostfile.hosts, cli.starting_port, cli.connections_per_ip)?;
+            doctor::ring_edges(table)
+        }
+        Backend::Nccl => doctor::coordinator_edges(ranks, coordinator(cli.nccl_port)?),
+        Backend::Jaccl | Backend::JacclRing => doctor::coordinator_edges(ranks, coordinator(cli.starting_port)?),
+        Backend::Mpi => (vec![Vec::new(); ranks], vec![None; ranks]),
     })
 }
 

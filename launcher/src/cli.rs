@@ -166,6 +166,9 @@ Checks, one row each:
   command    COMMAND exists at the path the launcher resolves, on every host
   edge       each rank opens a TCP connection to its right neighbour's ring addresses
 
+With --backend nccl, jaccl or jaccl-ring, rank 0 checks the coordinator's address and port
+instead, and every other rank connects to it. With --backend mpi, no port is checked.
+
 The probe is this ringleader binary, run as 'ringleader doctor --probe'; it must exist at
 the same path on every remote host. Exit status: 0 when every check passes, 1 when one
 fails (each failure is also named on stderr), 2 for invalid hosts or options.";
@@ -189,15 +192,25 @@ pub struct DoctorCli {
     #[arg(long, value_name = "FILE", help_heading = "Hosts")]
     pub hostfile: Option<PathBuf>,
 
-    /// First ring port, as for the launch.
+    /// Backend whose ports to check: ring checks every rank's ring ports and
+    /// edges, nccl and jaccl rank 0's coordinator port, mpi none
+    /// [default: the hostfile's "backend", else ring].
+    #[arg(long, value_enum, help_heading = "Backend")]
+    pub backend: Option<Backend>,
+
+    /// First ring port, and the jaccl coordinator's port, as for the launch.
     #[arg(short = 'p', long, default_value_t = 32323, value_name = "PORT",
-          env = "RINGLEADER_STARTING_PORT", help_heading = "Ring")]
+          env = "RINGLEADER_STARTING_PORT", help_heading = "Backend")]
     pub starting_port: u16,
 
     /// Ring connections per IP address and rank, as for the launch.
     #[arg(long, default_value_t = 1, value_name = "K",
-          value_parser = clap::value_parser!(u32).range(1..=64), help_heading = "Ring")]
+          value_parser = clap::value_parser!(u32).range(1..=64), help_heading = "Backend")]
     pub connections_per_ip: u32,
+
+    /// Port of the NCCL coordinator on rank 0, as for the launch.
+    #[arg(long, default_value_t = 12345, value_name = "PORT", help_heading = "Backend")]
+    pub nccl_port: u16,
 
     /// Seconds each stage of the probes may take (start and report, then connect).
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS", value_parser = parse_seconds)]

@@ -7,7 +7,9 @@
 //! of its rank is assigned on its host. It listens on each free ring port,
 //! reports the busy ones, and checks the command at the path the launcher
 //! resolved. Once every probe listens, each rank connects to its right
-//! neighbour's ring addresses, the direction in which MLX's ring sends.
+//! neighbour's ring addresses, the direction in which MLX's ring sends. For
+//! the nccl and jaccl backends, rank 0 listens on the coordinator address
+//! instead and every other rank connects to it.
 //!
 //! # Limitations
 //!
@@ -35,8 +37,11 @@ pub const CLOCK_TOLERANCE: Duration = Duration::from_secs(1);
 /// Settings of a doctor run, from the command line.
 #[derive(Clone, Debug)]
 pub struct DoctorOptions {
-    /// Ring addresses of every rank, as the launch would use them.
-    pub ring_table: Vec<Vec<String>>,
+    /// Addresses each rank listens on in the job, `ip:port`: its ring
+    /// addresses, or for the nccl and jaccl backends rank 0's coordinator.
+    pub listen: Vec<Vec<String>>,
+    /// The rank whose `listen` addresses each rank connects to, if any.
+    pub peers: Vec<Option<usize>>,
     /// The command's absolute path, resolved on the launcher's host.
     pub command: Option<PathBuf>,
     /// The program that runs the probe on each host: this binary.
@@ -89,7 +94,7 @@ pub async fn diagnose(hostfile: &Hostfile, options: &DoctorOptions, spawner: Arc
     let mut finish_senders = Vec::with_capacity(ranks);
     let mut tasks = Vec::with_capacity(ranks);
     for (rank, host) in hostfile.hosts.iter().enumerate() {
-        let mut env = vec![(probe::ADDRESSES_VAR.to_string(), options.ring_table.get(rank).cloned().unwrap_or_default().join(","))];
+        let mut env = vec![(probe::ADDRESSES_VAR.to_string(), options.listen.get(rank).cloned().unwrap_or_default().join(","))];
         if let Some(command) = &options.command {
             env.push((probe::COMMAND_VAR.to_string(), command.display().to_string()));
         }
@@ -123,22 +128,23 @@ pub async fn diagnose(hostfile: &Hostfile, options: &DoctorOptions, spawner: Arc
         started.push(receiver.await.unwrap_or(Started { rows: Vec::new(), listening: Vec::new(), running: false }));
     }
 
-    // Rank i connects to rank i+1's addresses; one rank has no edge.
     let mut edge_rows: Vec<Vec<Row>> = vec![Vec::new(); ranks];
     for (rank, sender) in targets_senders.into_iter().enumerate() {
-        let right = (rank + 1) % ranks;
         let mut targets = Vec::new();
-        if ranks > 1 && !started[rank].running {
-            let detail = format!("rank {rank}'s probe is not running");
-            edge_rows[rank].push(Row::new("edge", &edge_subject(hostfile, rank, right), Status::Skipped, detail));
-        } else if ranks > 1 {
-            let subject = edge_subject(hostfile, rank, right);
-            for address in options.ring_table.get(right).into_iter().flatten() {
-                if started[right].listening.contains(address) {
-                    targets.push(address.clone());
-                } else {
-                    let detail = format!("{address}: rank {right} could not listen there");
-                    edge_rows[rank].push(Row::new("edge", &subject, Status::Skipped, detail));
+        let peer = options.peers.get(rank).copied().flatten().filter(|&peer| peer < ranks);
+        if let Some(peer) = peer {
+            let subject = edge_subject(hostfile, rank, peer);
+            if !started[rank].running {
+                let detail = format!("rank {rank}'s probe is not running");
+                edge_rows[rank].push(Row::new("edge", &subject, Status::Skipped, detail));
+            } else {
+                for address in options.listen.get(peer).into_iter().flatten() {
+                    if started[peer].listening.contains(address) {
+                        targets.push(address.clone());
+                    } else {
+                        let detail = format!("{address}: rank {peer} could not listen there");
+                        edge_rows[rank].push(Row::new("edge", &subject, Status::Skipped, detail));
+                    }
                 }
             }
         }
@@ -159,9 +165,9 @@ pub async fn diagnose(hostfile: &Hostfile, options: &DoctorOptions, spawner: Arc
 
     let mut rows = Vec::new();
     for (rank, connections) in all_connections.into_iter().enumerate() {
-        let right = (rank + 1) % ranks;
         rows.extend(std::mem::take(&mut started[rank].rows));
-        let subject = edge_subject(hostfile, rank, right);
+        let peer = options.peers.get(rank).copied().flatten().unwrap_or(rank);
+        let subject = edge_subject(hostfile, rank, peer);
         for (address, result) in connections {
             let row = match result {
                 Ok(()) => Row::new("edge", &subject, Status::Ok, address),
@@ -172,6 +178,22 @@ pub async fn diagnose(hostfile: &Hostfile, options: &DoctorOptions, spawner: Arc
         rows.extend(std::mem::take(&mut edge_rows[rank]));
     }
     rows
+}
+
+/// Builds the listen table and peers of a ring: rank i connects to rank i+1.
+pub fn ring_edges(ring_table: Vec<Vec<String>>) -> (Vec<Vec<String>>, Vec<Option<usize>>) {
+    let ranks = ring_table.len();
+    let peers = (0..ranks).map(|rank| (ranks > 1).then_some((rank + 1) % ranks)).collect();
+    (ring_table, peers)
+}
+
+/// Builds the listen table and peers of a coordinator backend: rank 0
+/// listens on `coordinator` and every other rank connects to it.
+pub fn coordinator_edges(ranks: usize, coordinator: String) -> (Vec<Vec<String>>, Vec<Option<usize>>) {
+    let mut listen = vec![Vec::new(); ranks];
+    listen[0].push(coordinator);
+    let peers = (0..ranks).map(|rank| (rank > 0).then_some(0)).collect();
+    (listen, peers)
 }
 
 fn edge_subject(hostfile: &Hostfile, from: usize, to: usize) -> String {

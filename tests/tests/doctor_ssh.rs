@@ -13,6 +13,8 @@ use ringleader_tests::{ringleader, run, test_port_base, Output};
 /// The probe only tries to bind it, and doctor never connects to it.
 const UNASSIGNED_IP: &str = "203.0.113.77";
 
+/// Runs doctor on `hosts`; `command` is the command to check, or options
+/// followed by `--` and the command.
 fn doctor(sshd: &Sshd, hosts: serde_json::Value, port: u16, command: &[&str]) -> Output {
     let dir = tempfile::tempdir().unwrap();
     let hostfile = dir.path().join("hosts.json");
@@ -25,8 +27,10 @@ fn doctor(sshd: &Sshd, hosts: serde_json::Value, port: u16, command: &[&str]) ->
         sshd.config_file().to_str().unwrap().into(),
         "-p".into(),
         port.to_string(),
-        "--".into(),
     ];
+    if !command.contains(&"--") {
+        args.push("--".into());
+    }
     args.extend(command.iter().map(|a| a.to_string()));
     run(&mut ringleader(args), b"")
 }
@@ -149,6 +153,27 @@ fn missing_command_fails_per_rank() {
         rows(&output.stdout_text(), "command", "rank 0 (host-a)"),
         [("FAILED", "/nonexistent/train does not exist on this host")]
     );
+}
+
+#[test]
+fn nccl_ranks_connect_to_the_coordinator() {
+    let sshd = Sshd::start();
+    let port = test_port_base();
+    let hosts = serde_json::json!({"backend": "nccl", "hosts": [
+        {"ssh": "host-a", "ips": ["127.0.0.1"]},
+        {"ssh": "host-b"},
+        {"ssh": "host-c"},
+    ]});
+    let output = doctor(&sshd, hosts, port, &["--nccl-port", &(port + 7).to_string(), "--", "true"]);
+
+    assert_eq!(output.code(), Some(0), "{}", output.stderr_text());
+    let text = output.stdout_text();
+    let coordinator = format!("127.0.0.1:{}", port + 7);
+    assert_eq!(rows(&text, "port", "rank 0 (host-a)"), [("ok", coordinator.as_str())]);
+    assert!(rows(&text, "port", "rank 1 (host-b)").is_empty(), "{text}");
+    assert!(rows(&text, "edge", "rank 0 (host-a)").is_empty(), "{text}");
+    assert_eq!(rows(&text, "edge", "rank 1 (host-b) -> rank 0 (host-a)"), [("ok", coordinator.as_str())]);
+    assert_eq!(rows(&text, "edge", "rank 2 (host-c) -> rank 0 (host-a)"), [("ok", coordinator.as_str())]);
 }
 
 #[test]
