@@ -2,6 +2,7 @@
 //! per host, the real planner and supervisor, the faults of a schedule
 //! applied at their times, and the invariants checked on the log afterwards.
 
+use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -20,7 +21,7 @@ use turmoil::Sim;
 
 use crate::agent::{self, AgentConfig, FaultInbox, HostFault};
 use crate::check::{self, Violation};
-use crate::fault::{host_name, Fault, TimedFault};
+use crate::fault::{host_name, Fault, Node, TimedFault};
 use crate::log::{Event, EventLog, Inner, STDERR, STDOUT};
 use crate::programs;
 use crate::scenario::Scenario;
@@ -128,7 +129,7 @@ pub fn run(spec: &RunSpec) -> RunResult {
     let returned: Arc<Mutex<Option<Report>>> = Arc::default();
     start_launcher(&mut sim, spec, &plan, &log, launcher_signals, returned.clone());
 
-    let mut driver = Driver { sim, log: log.clone(), inboxes, signals, next_fault: 0 };
+    let mut driver = Driver { sim, log: log.clone(), inboxes, signals, next_fault: 0, links: BTreeMap::new() };
     let outcome = driver.run_until_done(spec, &returned);
     let report = returned.lock().unwrap_or_else(|p| p.into_inner()).take();
     let mut result = RunResult {
@@ -262,6 +263,24 @@ struct Driver<'a> {
     inboxes: Vec<FaultInbox>,
     signals: mpsc::UnboundedSender<LauncherSignal>,
     next_fault: usize,
+    /// Links the schedule cut or held and has not restored yet.
+    links: BTreeMap<(String, String), LinkState>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LinkState {
+    Partitioned,
+    Held,
+}
+
+/// The key of the link between two nodes, the same both ways round.
+fn link(a: Node, b: Node) -> (String, String) {
+    let (a, b) = (a.name(), b.name());
+    if a <= b {
+        (a, b)
+    } else {
+        (b, a)
+    }
 }
 
 struct DriveOutcome {
@@ -312,18 +331,64 @@ impl Driver<'_> {
 
     fn apply(&mut self, fault: &Fault, hosts: usize) {
         match *fault {
-            Fault::CrashHost { host } if host < hosts => self.sim.crash(host_name(host)),
-            Fault::BounceHost { host } if host < hosts => self.sim.bounce(host_name(host)),
-            Fault::Partition { a, b } => self.sim.partition(a.name(), b.name()),
-            Fault::Repair { a, b } => self.sim.repair(a.name(), b.name()),
-            Fault::Hold { a, b } => self.sim.hold(a.name(), b.name()),
-            Fault::Release { a, b } => self.sim.release(a.name(), b.name()),
+            Fault::CrashHost { host } if host < hosts => self.crash(host, hosts, false),
+            Fault::BounceHost { host } if host < hosts => self.crash(host, hosts, true),
+            Fault::Partition { a, b } => {
+                self.links.insert(link(a, b), LinkState::Partitioned);
+                self.sim.partition(a.name(), b.name());
+            }
+            Fault::Repair { a, b } | Fault::Release { a, b } => {
+                self.links.remove(&link(a, b));
+                match fault {
+                    Fault::Repair { .. } => self.sim.repair(a.name(), b.name()),
+                    _ => self.sim.release(a.name(), b.name()),
+                }
+            }
+            Fault::Hold { a, b } => {
+                self.links.insert(link(a, b), LinkState::Held);
+                self.sim.hold(a.name(), b.name());
+            }
             Fault::Latency { a, b, ms } => self.sim.set_link_latency(a.name(), b.name(), Duration::from_millis(ms)),
             Fault::KillRank { rank } => self.host_fault(rank, HostFault::KillRank(rank)),
             Fault::ExitRank { rank, code } => self.host_fault(rank, HostFault::ExitRank(rank, code)),
             Fault::InterruptLauncher => self.launcher_signal(LauncherSignal::Interrupt),
             Fault::TerminateLauncher => self.launcher_signal(LauncherSignal::Terminate),
             Fault::CrashHost { .. } | Fault::BounceHost { .. } => {}
+        }
+    }
+
+    /// Crashes (or, with `restart`, bounces) a host without a word to its
+    /// peers, as a power loss would.
+    ///
+    /// turmoil drops the host's tasks, whose sockets send FIN or RST in
+    /// an order set by tokio's process-wide task ids, which would make two
+    /// runs of a seed in one process differ. Cutting the host's links while
+    /// it goes down drops those messages; the links then return to the state
+    /// the schedule gave them. Peers learn of the crash as on a real
+    /// network: from a timeout, or from the RST their next segment gets.
+    fn crash(&mut self, host: usize, hosts: usize, restart: bool) {
+        let name = host_name(host);
+        let peers: Vec<Node> =
+            std::iter::once(Node::Launcher).chain((0..hosts).filter(|&h| h != host).map(Node::Host)).collect();
+        for peer in &peers {
+            self.sim.partition(name.as_str(), peer.name());
+        }
+        self.log.begin_crash(&name);
+        if restart {
+            self.sim.bounce(name.as_str());
+        } else {
+            self.sim.crash(name.as_str());
+        }
+        self.log.end_crash(&name);
+        for peer in peers {
+            match self.links.get(&link(Node::Host(host), peer)) {
+                Some(LinkState::Partitioned) => {}
+                Some(LinkState::Held) => {
+                    self.sim.repair(name.as_str(), peer.name());
+                    self.sim.hold(name.as_str(), peer.name());
+                }
+                None => self.sim.repair(name.as_str(), peer.name()),
+            }
         }
     }
 

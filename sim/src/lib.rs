@@ -31,6 +31,10 @@
 //! - A crashed host's sockets close like those of killed processes (peers
 //!   see FIN or RST), because turmoil drops the host's tasks with their
 //!   sockets; a silent crash is a crash plus a partition.
+//! - turmoil's TCP does not retransmit: a partition drops the segments in
+//!   flight, so a stream that carried data across it stalls for good, even
+//!   after the repair, where real TCP would resume. Rank programs that must
+//!   survive partitions need an operation timeout.
 //! - Rank files exist only as strings in the rank's context, not on a file system.
 
 pub mod agent;

@@ -76,6 +76,8 @@ pub struct Inner {
     pub launcher_stderr: Vec<u8>,
     /// Processes whose task still exists, by `(host, pid)`, with their rank.
     pub alive: BTreeMap<(String, u32), usize>,
+    /// The host whose tasks are being dropped by a crash, if any.
+    crashing: Option<String>,
 }
 
 impl EventLog {
@@ -98,6 +100,13 @@ impl EventLog {
 
     pub fn record(&self, event: Event) {
         let mut inner = self.lock();
+        // A crash drops a host's tasks in an order that depends on tokio's
+        // process-wide task ids, so `end_crash` records them instead, by pid.
+        if let (Event::ProcessGone { host, .. }, Some(crashing)) = (&event, &inner.crashing) {
+            if host == crashing {
+                return;
+            }
+        }
         tracing::debug!(at_ms = inner.now_ms, ?event, "sim event");
         let at_ms = inner.now_ms;
         match &event {
@@ -125,6 +134,23 @@ impl EventLog {
         match stream {
             STDOUT => inner.launcher_stdout.extend_from_slice(bytes),
             _ => inner.launcher_stderr.extend_from_slice(bytes),
+        }
+    }
+
+    /// Starts ignoring [`Event::ProcessGone`] of `host` while its tasks are dropped.
+    pub fn begin_crash(&self, host: &str) {
+        self.lock().crashing = Some(host.to_string());
+    }
+
+    /// Records every process of `host` as gone, in pid order.
+    pub fn end_crash(&self, host: &str) {
+        let gone: Vec<(u32, usize)> = {
+            let mut inner = self.lock();
+            inner.crashing = None;
+            inner.alive.iter().filter(|((h, _), _)| h == host).map(|((_, pid), rank)| (*pid, *rank)).collect()
+        };
+        for (pid, rank) in gone {
+            self.record(Event::ProcessGone { host: host.to_string(), pid, rank });
         }
     }
 

@@ -3,7 +3,7 @@
 //!
 //! | name | arguments | what it does |
 //! | --- | --- | --- |
-//! | `ring-loop` | `ITERATIONS LEN PAUSE_MS` | joins the ring, then runs `all_sum` (and `all_gather` every other round), checking every value |
+//! | `ring-loop` | `ITERATIONS LEN PAUSE_MS` | joins the ring, then runs `all_sum` (and `all_gather` every other round) with a 3 s operation timeout, checking every value |
 //! | `print` | `LINES` | prints numbered lines, exits 0 |
 //! | `exit-after` | `MS CODE [RANK]` | exits with `CODE` after `MS`; with `RANK`, only that rank does and the others hang |
 //! | `hang` | | waits forever |
@@ -25,6 +25,9 @@ use crate::process::{Programs, RankContext};
 pub const EXIT_COLLECTIVE_FAILED: i32 = 1;
 /// Exit code of a rank whose collective returned wrong values.
 pub const EXIT_WRONG_VALUES: i32 = 99;
+
+/// The `ring-loop` program's per-operation timeout.
+pub const RING_OP_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Every program of the table above.
 pub fn standard() -> Programs {
@@ -123,9 +126,12 @@ async fn ring_loop(context: RankContext) -> i32 {
         Ok(table) => table,
         Err(error) => return failed(0, error),
     };
+    // turmoil's TCP does not retransmit, so a segment dropped by a partition
+    // stalls its stream for good; the operation timeout turns that into an
+    // error, as `RINGLEADER_RING_OP_TIMEOUT` does on a real cluster.
     let options = RingOptions {
         connect_timeout: Duration::from_secs(5),
-        op_timeout: None,
+        op_timeout: Some(RING_OP_TIMEOUT),
         bind_ip: Some("0.0.0.0".parse().expect("a valid IP")),
     };
     let mut group = match Group::connect(rank, &table, SimNet::default(), options).await {
