@@ -4,19 +4,21 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cli::{Backend, Cli, ConfigCli, DoctorCli, Over};
-use crate::distconfig;
-use crate::doctor::{self, DoctorOptions};
+use crate::cli::{Backend, Cli};
 use crate::exec::local::LocalSpawner;
 use crate::exec::ssh::{SshOptions, SshSpawner};
 use crate::exec::{BoxFuture, RankSpec, SpawnError, Spawned, Spawner};
 use crate::exit;
 use crate::hostfile::{is_local_name, Hostfile, HostfileError};
-use crate::plan::{self, LaunchPlan, PlanError, PlanOptions};
 use crate::mpi::{self, MpiCommand, MpiError};
+use crate::plan::{self, LaunchPlan, PlanError, PlanOptions};
 use crate::preflight::{self, PreflightError};
 use crate::slurm::{self, SlurmError};
 use crate::supervisor::{self, LauncherIo, SupervisorOptions};
+
+mod subcommands;
+
+pub use subcommands::{run_config, run_doctor};
 
 /// Errors that stop the launch before any rank starts (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -306,191 +308,6 @@ impl HostSpawner {
         };
         Ok(HostSpawner { local: LocalSpawner, remote })
     }
-}
-
-/// Runs `ringleader doctor` and returns its exit code.
-pub fn run_doctor(cli: DoctorCli) -> i32 {
-    if cli.probe {
-        return doctor::probe::run();
-    }
-    let prepared = read_hosts(cli.hostfile.as_deref(), cli.hosts.as_deref(), cli.repeat_hosts as usize).and_then(|mut hostfile| {
-        let edges = doctor_edges(&cli, &mut hostfile)?;
-        let command = match cli.command.first() {
-            Some(program) => Some(resolve_command(program)?),
-            None => None,
-        };
-        Ok((hostfile, edges, command))
-    });
-    let (hostfile, (listen, peers), command) = match prepared {
-        Ok(prepared) => prepared,
-        Err(error) => {
-            eprintln!("ringleader doctor: error: {error}");
-            return exit::USAGE;
-        }
-    };
-    let probe_program = match std::env::current_exe() {
-        Ok(path) => path,
-        Err(error) => {
-            eprintln!("ringleader doctor: error: cannot find the ringleader binary to use as the probe: {error}");
-            return exit::FAILURE;
-        }
-    };
-    let options = DoctorOptions {
-        listen,
-        peers,
-        command,
-        probe_program,
-        stage_timeout: Duration::from_secs_f64(cli.timeout),
-    };
-
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime can be built");
-    runtime.block_on(async {
-        let hosts = hostfile.hosts.iter().map(|host| host.ssh.as_str());
-        let spawner = match HostSpawner::for_hosts(hosts, cli.ssh.to_options(Duration::from_secs(1))) {
-            Ok(spawner) => Arc::new(spawner),
-            Err(error) => {
-                eprintln!("ringleader doctor: error: cannot set up the ssh transport: {error}");
-                return exit::FAILURE;
-            }
-        };
-        let rows = doctor::diagnose(&hostfile, &options, spawner).await;
-        print!("{}", doctor::render(&rows));
-        let failures = doctor::failures(&rows);
-        for failure in &failures {
-            eprintln!("ringleader doctor: {failure}");
-        }
-        if failures.is_empty() {
-            exit::SUCCESS
-        } else {
-            exit::FAILURE
-        }
-    })
-}
-
-/// Picks the addresses doctor checks for the job's backend: the ring table,
-/// the coordinator of nccl and jaccl on rank 0, or none for mpi, whose
-/// ports mpirun chooses.
-fn doctor_edges(cli: &DoctorCli, hostfile: &mut Hostfile) -> Result<(Vec<Vec<String>>, Vec<Option<usize>>), LaunchError> {
-    let backend = match (cli.backend, hostfile.backend.take()) {
-        (Some(backend), _) => backend,
-        (None, Some(name)) => Backend::parse(&name).ok_or(LaunchError::UnknownBackend { name })?,
-        (None, None) => Backend::Ring,
-    };
-    let ranks = hostfile.hosts.len();
-    let coordinator = |port: u16| -> Result<String, LaunchError> {
-        let ip = hostfile.hosts[0].ips.first().ok_or_else(|| PlanError::MissingCoordinatorIp {
-            backend: backend.name(),
-            host: hostfile.hosts[0].ssh.clone(),
-        })?;
-        Ok(std::net::SocketAddr::new(ip.parse().expect("hostfile IPs are validated"), port).to_string())
-    };
-    Ok(match backend {
-        Backend::Ring => {
-            let table = plan::ring_address_table(&hostfile.hosts, cli.starting_port, cli.connections_per_ip)?;
-            doctor::ring_edges(table)
-        }
-        Backend::Nccl => doctor::coordinator_edges(ranks, coordinator(cli.nccl_port)?),
-        Backend::Jaccl | Backend::JacclRing => doctor::coordinator_edges(ranks, coordinator(cli.starting_port)?),
-        Backend::Mpi => (vec![Vec::new(); ranks], vec![None; ranks]),
-    })
-}
-
-/// Resolves the command's path on this machine, as execvp would find it.
-fn resolve_command(program: &str) -> Result<PathBuf, LaunchError> {
-    if program.contains('/') {
-        let path = PathBuf::from(program);
-        let current = std::env::current_dir().unwrap_or_default();
-        return Ok(if path.is_absolute() { path } else { current.join(path) });
-    }
-    std::env::var_os("PATH")
-        .and_then(|path| std::env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| candidate.is_file()))
-        .ok_or_else(|| PreflightError::CommandNotFound { command: program.to_string() }.into())
-}
-
-/// Runs `ringleader config` and returns its exit code.
-pub fn run_config(cli: ConfigCli) -> i32 {
-    if cli.over == Over::Thunderbolt {
-        eprintln!("ringleader config: error: --over thunderbolt is not supported: Thunderbolt discovery needs macOS hardware\nhint: use --over ethernet, or mlx.distributed_config on the Macs");
-        return exit::USAGE;
-    }
-    let loaded = match &cli.hostfile {
-        Some(path) => Hostfile::from_path(path),
-        None => Hostfile::from_list(&cli.hosts, 1),
-    };
-    let checked_env = loaded
-        .map_err(LaunchError::from)
-        .and_then(|hostfile| Ok((hostfile, plan::parse_env_entries(&cli.env, &|_| Some(String::new()))?)));
-    let mut hostfile = match checked_env {
-        Ok((hostfile, _)) => hostfile,
-        Err(error) => {
-            eprintln!("ringleader config: error: {error}");
-            return exit::USAGE;
-        }
-    };
-    // A host listed twice (for two ranks) is asked once.
-    let mut seen = std::collections::HashSet::new();
-    hostfile.hosts.retain(|host| seen.insert(host.ssh.clone()));
-
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime can be built");
-    let options = cli.ssh.to_options(Duration::from_secs(1));
-    let timeout = options.connect_timeout + options.start_timeout;
-    let results = runtime.block_on(async {
-        let hosts = hostfile.hosts.iter().map(|host| host.ssh.as_str());
-        let spawner = HostSpawner::for_hosts(hosts, options)?;
-        Ok::<_, std::io::Error>(distconfig::query_hosts(&hostfile.hosts, Arc::new(spawner), timeout).await)
-    });
-    let results = match results {
-        Ok(results) => results,
-        Err(error) => {
-            eprintln!("ringleader config: error: cannot set up the ssh transport: {error}");
-            return exit::FAILURE;
-        }
-    };
-
-    let mut configured = Vec::new();
-    let mut failed = 0;
-    for (host, result) in hostfile.hosts.into_iter().zip(results) {
-        match result {
-            distconfig::HostResult::Reached { ips } => {
-                if ips.is_empty() {
-                    eprintln!("ringleader config: warning: {}: no IPv4 address found; the ring backend needs one in \"ips\"", host.ssh);
-                }
-                configured.push((host, ips));
-            }
-            distconfig::HostResult::Failed { reason } => {
-                eprintln!("ringleader config: {}: {reason}", host.ssh);
-                failed += 1;
-            }
-        }
-    }
-    if failed > 0 && !cli.ignore_unreachable {
-        eprintln!("ringleader config: error: {failed} host(s) failed; no hostfile written\nhint: set up passwordless ssh (ssh-copy-id) or pass --ignore-unreachable to leave them out");
-        return exit::FAILURE;
-    }
-    if configured.is_empty() {
-        eprintln!("ringleader config: error: no host could be reached; no hostfile written");
-        return exit::FAILURE;
-    }
-
-    let value = distconfig::hostfile_json(&configured, cli.backend.unwrap_or(Backend::Ring), &cli.env);
-    let text = serde_json::to_string_pretty(&value).expect("JSON values serialize") + "\n";
-    match &cli.output_hostfile {
-        Some(path) => {
-            if let Err(error) = std::fs::write(path, text) {
-                eprintln!("ringleader config: error: cannot write {}: {error}", path.display());
-                return exit::FAILURE;
-            }
-            eprintln!("ringleader config: wrote {} with {} hosts", path.display(), configured.len());
-        }
-        None => print!("{text}"),
-    }
-    exit::SUCCESS
 }
 
 impl Spawner for HostSpawner {

@@ -326,7 +326,7 @@ fn parse_seconds(text: &str) -> Result<f64, String> {
     let seconds: f64 = text
         .parse()
         .map_err(|_| format!("invalid number of seconds: {text:?}"))?;
-    if !seconds.is_finite() || seconds < 0.0 || seconds > 1e9 {
+    if !seconds.is_finite() || !(0.0..=1e9).contains(&seconds) {
         return Err(format!("seconds must be between 0 and 1e9, got {text}"));
     }
     Ok(seconds)

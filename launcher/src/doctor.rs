@@ -37,11 +37,8 @@ pub const CLOCK_TOLERANCE: Duration = Duration::from_secs(1);
 /// Settings of a doctor run, from the command line.
 #[derive(Clone, Debug)]
 pub struct DoctorOptions {
-    /// Addresses each rank listens on in the job, `ip:port`: its ring
-    /// addresses, or for the nccl and jaccl backends rank 0's coordinator.
-    pub listen: Vec<Vec<String>>,
-    /// The rank whose `listen` addresses each rank connects to, if any.
-    pub peers: Vec<Option<usize>>,
+    /// Ports to check and connections to make.
+    pub edges: Edges,
     /// The command's absolute path, resolved on the launcher's host.
     pub command: Option<PathBuf>,
     /// The program that runs the probe on each host: this binary.
@@ -94,7 +91,7 @@ pub async fn diagnose(hostfile: &Hostfile, options: &DoctorOptions, spawner: Arc
     let mut finish_senders = Vec::with_capacity(ranks);
     let mut tasks = Vec::with_capacity(ranks);
     for (rank, host) in hostfile.hosts.iter().enumerate() {
-        let mut env = vec![(probe::ADDRESSES_VAR.to_string(), options.listen.get(rank).cloned().unwrap_or_default().join(","))];
+        let mut env = vec![(probe::ADDRESSES_VAR.to_string(), options.edges.listen.get(rank).cloned().unwrap_or_default().join(","))];
         if let Some(command) = &options.command {
             env.push((probe::COMMAND_VAR.to_string(), command.display().to_string()));
         }
@@ -131,14 +128,14 @@ pub async fn diagnose(hostfile: &Hostfile, options: &DoctorOptions, spawner: Arc
     let mut edge_rows: Vec<Vec<Row>> = vec![Vec::new(); ranks];
     for (rank, sender) in targets_senders.into_iter().enumerate() {
         let mut targets = Vec::new();
-        let peer = options.peers.get(rank).copied().flatten().filter(|&peer| peer < ranks);
+        let peer = options.edges.peers.get(rank).copied().flatten().filter(|&peer| peer < ranks);
         if let Some(peer) = peer {
             let subject = edge_subject(hostfile, rank, peer);
             if !started[rank].running {
                 let detail = format!("rank {rank}'s probe is not running");
                 edge_rows[rank].push(Row::new("edge", &subject, Status::Skipped, detail));
             } else {
-                for address in options.listen.get(peer).into_iter().flatten() {
+                for address in options.edges.listen.get(peer).into_iter().flatten() {
                     if started[peer].listening.contains(address) {
                         targets.push(address.clone());
                     } else {
@@ -166,7 +163,7 @@ pub async fn diagnose(hostfile: &Hostfile, options: &DoctorOptions, spawner: Arc
     let mut rows = Vec::new();
     for (rank, connections) in all_connections.into_iter().enumerate() {
         rows.extend(std::mem::take(&mut started[rank].rows));
-        let peer = options.peers.get(rank).copied().flatten().unwrap_or(rank);
+        let peer = options.edges.peers.get(rank).copied().flatten().unwrap_or(rank);
         let subject = edge_subject(hostfile, rank, peer);
         for (address, result) in connections {
             let row = match result {
@@ -180,20 +177,37 @@ pub async fn diagnose(hostfile: &Hostfile, options: &DoctorOptions, spawner: Arc
     rows
 }
 
-/// Builds the listen table and peers of a ring: rank i connects to rank i+1.
-pub fn ring_edges(ring_table: Vec<Vec<String>>) -> (Vec<Vec<String>>, Vec<Option<usize>>) {
-    let ranks = ring_table.len();
-    let peers = (0..ranks).map(|rank| (ranks > 1).then_some((rank + 1) % ranks)).collect();
-    (ring_table, peers)
+/// The connections a job makes, as doctor checks them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Edges {
+    /// Addresses each rank listens on in the job, `ip:port`: its ring
+    /// addresses, or for the nccl and jaccl backends rank 0's coordinator.
+    pub listen: Vec<Vec<String>>,
+    /// The rank whose `listen` addresses each rank connects to, if any.
+    pub peers: Vec<Option<usize>>,
 }
 
-/// Builds the listen table and peers of a coordinator backend: rank 0
-/// listens on `coordinator` and every other rank connects to it.
-pub fn coordinator_edges(ranks: usize, coordinator: String) -> (Vec<Vec<String>>, Vec<Option<usize>>) {
-    let mut listen = vec![Vec::new(); ranks];
-    listen[0].push(coordinator);
-    let peers = (0..ranks).map(|rank| (rank > 0).then_some(0)).collect();
-    (listen, peers)
+impl Edges {
+    /// Builds the edges of a ring, where rank i connects to rank i+1.
+    pub fn ring(ring_table: Vec<Vec<String>>) -> Edges {
+        let ranks = ring_table.len();
+        let peers = (0..ranks).map(|rank| (ranks > 1).then_some((rank + 1) % ranks)).collect();
+        Edges { listen: ring_table, peers }
+    }
+
+    /// Builds the edges of a coordinator backend: rank 0 listens on
+    /// `coordinator` and every other rank connects to it.
+    pub fn coordinator(ranks: usize, coordinator: String) -> Edges {
+        let mut listen = vec![Vec::new(); ranks];
+        listen[0].push(coordinator);
+        let peers = (0..ranks).map(|rank| (rank > 0).then_some(0)).collect();
+        Edges { listen, peers }
+    }
+
+    /// Builds edges that check no port, for `ranks` ranks.
+    pub fn none(ranks: usize) -> Edges {
+        Edges { listen: vec![Vec::new(); ranks], peers: vec![None; ranks] }
+    }
 }
 
 fn edge_subject(hostfile: &Hostfile, from: usize, to: usize) -> String {
