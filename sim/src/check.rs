@@ -171,10 +171,12 @@ fn nothing_left_running(spec: &RunSpec, log: &Inner, returned_ms: u64) -> Vec<Vi
     }
 
     let gone = gone_times(&log.records);
+    // Record order, not time: a session the launcher's exit closes is lost
+    // in the same millisecond as the return, but after it.
     let lost_before_return: Vec<usize> = log
         .records
         .iter()
-        .filter(|r| r.at_ms <= returned_ms)
+        .take_while(|r| !matches!(r.event, Event::LauncherReturned { .. }))
         .filter_map(|r| match r.event {
             Event::SessionLost { rank, .. } => Some(rank),
             _ => None,

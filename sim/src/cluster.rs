@@ -132,10 +132,15 @@ pub fn run(spec: &RunSpec) -> RunResult {
     let mut driver = Driver { sim, log: log.clone(), inboxes, signals, next_fault: 0, links: BTreeMap::new() };
     let outcome = driver.run_until_done(spec, &returned);
     let report = returned.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let log = log.snapshot();
+    let launcher_returned_ms = log.records.iter().find_map(|r| match r.event {
+        Event::LauncherReturned { .. } => Some(r.at_ms),
+        _ => None,
+    });
     let mut result = RunResult {
-        log: log.snapshot(),
+        log,
         report,
-        launcher_returned_ms: outcome.launcher_returned_ms,
+        launcher_returned_ms,
         end_ms: outcome.end_ms,
         sim_error: outcome.sim_error,
         violations: Vec::new(),
@@ -284,7 +289,6 @@ fn link(a: Node, b: Node) -> (String, String) {
 }
 
 struct DriveOutcome {
-    launcher_returned_ms: Option<u64>,
     end_ms: u64,
     sim_error: Option<String>,
 }
@@ -309,14 +313,14 @@ impl Driver<'_> {
                 // sessions reach the agents, and for lost ranks to die.
                 let settled = now_ms >= at + 50 && self.log.alive_count() == 0;
                 if settled || now_ms >= at + linger_ms {
-                    return DriveOutcome { launcher_returned_ms, end_ms: now_ms, sim_error: None };
+                    return DriveOutcome { end_ms: now_ms, sim_error: None };
                 }
             }
             if now_ms >= deadline_ms {
-                return DriveOutcome { launcher_returned_ms, end_ms: now_ms, sim_error: None };
+                return DriveOutcome { end_ms: now_ms, sim_error: None };
             }
             if let Err(error) = self.sim.step() {
-                return DriveOutcome { launcher_returned_ms, end_ms: now_ms, sim_error: Some(error.to_string()) };
+                return DriveOutcome { end_ms: now_ms, sim_error: Some(error.to_string()) };
             }
         }
     }

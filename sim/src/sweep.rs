@@ -68,7 +68,7 @@ pub fn sweep(
 }
 
 /// Removes faults from a failing run's schedule, one at a time, while the
-/// run still breaks one of the invariants it broke at first, then moves
+/// run still breaks one of the invariants it broke at first, and moves
 /// each remaining fault to the earliest whole 100 ms at which it still does.
 /// Returns the smallest schedule found and its run.
 pub fn shrink(spec: &RunSpec) -> (Schedule, RunResult) {
@@ -84,25 +84,37 @@ pub fn shrink(spec: &RunSpec) -> (Schedule, RunResult) {
         result.violations.iter().any(|v| target.contains(&v.invariant)).then_some(result)
     };
 
-    let mut index = 0;
-    while index < best.0.len() {
-        let mut candidate = best.0.clone();
-        candidate.remove(index);
-        match try_faults(&candidate) {
-            Some(result) => best = (candidate, result),
-            None => index += 1,
-        }
-    }
-    for index in 0..best.0.len() {
-        let original = best.0[index].at_ms;
-        for at_ms in (0..original).step_by(100).filter(|t| *t < original) {
+    // Alternate both passes until neither helps: an earlier fault time can
+    // make another fault removable.
+    loop {
+        let mut progress = false;
+        let mut index = 0;
+        while index < best.0.len() {
             let mut candidate = best.0.clone();
-            candidate[index].at_ms = at_ms;
-            candidate.sort_by_key(|f| f.at_ms);
-            if let Some(result) = try_faults(&candidate) {
-                best = (candidate, result);
-                break;
+            candidate.remove(index);
+            match try_faults(&candidate) {
+                Some(result) => {
+                    best = (candidate, result);
+                    progress = true;
+                }
+                None => index += 1,
             }
+        }
+        for index in 0..best.0.len() {
+            let original = best.0[index].at_ms;
+            for at_ms in (0..original).step_by(100) {
+                let mut candidate = best.0.clone();
+                candidate[index].at_ms = at_ms;
+                candidate.sort_by_key(|f| f.at_ms);
+                if let Some(result) = try_faults(&candidate) {
+                    best = (candidate, result);
+                    progress = true;
+                    break;
+                }
+            }
+        }
+        if !progress {
+            break;
         }
     }
     (schedule(spec, best.0), best.1)
