@@ -269,9 +269,12 @@ impl Supervisor {
 
     fn kill_all(&mut self) {
         for (rank, report) in self.reports.iter_mut().enumerate() {
-            if report.is_alive() && self.forgotten != Some(rank) {
-                tracing::info!(rank, "sending SIGKILL");
-                report.killed = true;
+            // A rank that ended may still be stopping what it left behind.
+            if !report.finished && self.forgotten != Some(rank) {
+                if report.is_alive() {
+                    tracing::info!(rank, "sending SIGKILL");
+                    report.killed = true;
+                }
                 let _ = self.controls[rank].send(RankSignal::Kill);
             }
         }
@@ -345,15 +348,32 @@ impl RankTask {
         };
         let _ = self.events.send(Event::Ended { rank, result });
 
-        let pumps = async {
-            let _ = pump_out.await;
-            let _ = pump_err.await;
+        // Stop what the rank left behind and forward the rest of its output,
+        // still relaying signals: SIGKILL must reach lingering leftovers.
+        let drain_limit = self.drain_limit;
+        let cleanup = async {
+            control.finish().await;
+            let pumps = async {
+                let _ = pump_out.await;
+                let _ = pump_err.await;
+            };
+            if tokio::time::timeout(drain_limit, pumps).await.is_err() {
+                tracing::warn!(
+                    rank,
+                    "the rank ended but its output was not fully forwarded: a process outside its process group holds its pipe open, or nothing reads the launcher's output; not waiting for it"
+                );
+            }
         };
-        if tokio::time::timeout(self.drain_limit, pumps).await.is_err() {
-            tracing::warn!(
-                rank,
-                "the rank ended but its output is still open, held by a process outside its process group; not waiting for it"
-            );
+        tokio::pin!(cleanup);
+        loop {
+            tokio::select! {
+                () = &mut cleanup => break,
+                Some(signal) = self.controls.recv() => {
+                    if let Err(error) = control.signal(signal).await {
+                        tracing::warn!(rank, %error, ?signal, "signalling the rank's leftovers failed");
+                    }
+                }
+            }
         }
         let _ = self.events.send(Event::Finished { rank });
     }
