@@ -112,6 +112,7 @@ async fn launch(cli: &Cli, plan: &LaunchPlan) -> i32 {
         }
     };
     let io = LauncherIo {
+        merge_streams: same_file(libc::STDOUT_FILENO, libc::STDERR_FILENO),
         stdout: Box::new(tokio::io::stdout()),
         stderr: Box::new(tokio::io::stderr()),
         stdin: Some(Box::new(tokio::io::stdin())),
@@ -498,6 +499,14 @@ impl Spawner for HostSpawner {
             Some(remote) if !is_local_name(&spec.host) => remote.spawn(spec),
             _ => self.local.spawn(spec),
         }
+    }
+}
+
+/// Returns whether two open file descriptors refer to the same file.
+fn same_file(a: i32, b: i32) -> bool {
+    match (nix::sys::stat::fstat(a), nix::sys::stat::fstat(b)) {
+        (Ok(a), Ok(b)) => a.st_dev == b.st_dev && a.st_ino == b.st_ino,
+        _ => false,
     }
 }
 
