@@ -53,7 +53,7 @@ pub fn run(cli: Cli) -> i32 {
         Ok(Ok(plan)) => plan,
         Ok(Err(mpi_command)) => return run_mpi(&cli, &mpi_command),
         Err(error) => {
-            eprintln!("ringleader: error: {error}");
+            print_error(&error);
             return exit::USAGE;
         }
     };
@@ -66,7 +66,7 @@ pub fn run(cli: Cli) -> i32 {
         return exit::SUCCESS;
     }
     if let Err(error) = preflight::check(&plan, cli.output_dir.as_deref()) {
-        eprintln!("ringleader: error: {error}");
+        print_error(&error);
         return exit::USAGE;
     }
 
@@ -74,7 +74,35 @@ pub fn run(cli: Cli) -> i32 {
         .enable_all()
         .build()
         .expect("a tokio runtime can be built");
-    runtime.block_on(launch(&cli, &plan))
+    let code = runtime.block_on(launch(&cli, &plan));
+    // A read of an idle stdin, or a write to a stalled stdout, may still be
+    // pending on a blocking thread; waiting for it would keep the launcher
+    // alive (and deaf to signals) after the job ended.
+    runtime.shutdown_background();
+    code
+}
+
+/// Prints an error with its causes on one line, then its hint lines, as
+/// "ringleader: error: what failed: cause\nhint: what to do".
+pub fn print_error(error: &dyn std::error::Error) {
+    let text = error.to_string();
+    let (headline, hint) = match text.split_once("\nhint:") {
+        Some((headline, hint)) => (headline.to_string(), Some(hint)),
+        None => (text.clone(), None),
+    };
+    let mut line = format!("ringleader: error: {headline}");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !line.contains(&cause_text) {
+            line += &format!(": {cause_text}");
+        }
+        source = cause.source();
+    }
+    eprintln!("{line}");
+    if let Some(hint) = hint {
+        eprintln!("hint:{hint}");
+    }
 }
 
 async fn launch(cli: &Cli, plan: &LaunchPlan) -> i32 {
@@ -86,6 +114,7 @@ async fn launch(cli: &Cli, plan: &LaunchPlan) -> i32 {
         }
     };
     let io = LauncherIo {
+        merge_streams: same_file(libc::STDOUT_FILENO, libc::STDERR_FILENO),
         stdout: Box::new(tokio::io::stdout()),
         stderr: Box::new(tokio::io::stderr()),
         stdin: Some(Box::new(tokio::io::stdin())),
@@ -303,10 +332,10 @@ impl HostSpawner {
     /// Builds the spawner for `hosts`, with an ssh transport only if one of them is remote.
     fn for_hosts<'a>(mut hosts: impl Iterator<Item = &'a str>, options: SshOptions) -> std::io::Result<HostSpawner> {
         let remote = match hosts.any(|host| !is_local_name(host)) {
-            true => Some(SshSpawner::new(options)?),
+            true => Some(SshSpawner::new(options.clone())?),
             false => None,
         };
-        Ok(HostSpawner { local: LocalSpawner, remote })
+        Ok(HostSpawner { local: LocalSpawner::new(options.grace), remote })
     }
 }
 
@@ -316,6 +345,14 @@ impl Spawner for HostSpawner {
             Some(remote) if !is_local_name(&spec.host) => remote.spawn(spec),
             _ => self.local.spawn(spec),
         }
+    }
+}
+
+/// Returns whether two open file descriptors refer to the same file.
+fn same_file(a: i32, b: i32) -> bool {
+    match (nix::sys::stat::fstat(a), nix::sys::stat::fstat(b)) {
+        (Ok(a), Ok(b)) => a.st_dev == b.st_dev && a.st_ino == b.st_ino,
+        _ => false,
     }
 }
 

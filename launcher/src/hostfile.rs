@@ -135,6 +135,8 @@ impl Hostfile {
             path: path.to_path_buf(),
             reason: reason.to_string(),
         };
+        // Editors on some systems start UTF-8 files with a byte order mark.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         if text.trim().is_empty() {
             return Err(shape("the file is empty; it must contain a JSON list of hosts such as [{\"ssh\": \"host1\", \"ips\": [\"10.0.0.1\"]}]"));
         }

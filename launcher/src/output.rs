@@ -1,15 +1,19 @@
 //! Output forwarding: every byte a rank writes reaches the launcher's matching
 //! stream in order, and lines of different ranks are never spliced together.
 //!
-//! Each rank stream has a pump task that reads chunks and sends them to the
-//! stream's writer task, cut after the last complete line when more bytes
-//! are on the way. The writer owns the sink (the launcher's stdout or
-//! stderr). A rank whose last chunk ended mid-line (not after `\n` or `\r`)
-//! owns the sink until it finishes the line, so its partial line shows at
-//! once while other ranks' chunks wait. When other ranks wait and the owner
-//! added nothing for [`LINE_HOLD`] (or held the sink for [`LINE_HOLD_MAX`]),
-//! or the owning rank's stream ends without a final newline, the writer ends the partial line with a `\n` of its own; those
-//! are the only bytes it adds (besides `--tag-output` prefixes).
+//! A *source* is one rank's stdout or stderr, numbered by the caller. Each
+//! source has a pump task that reads chunks and sends them to a writer task,
+//! cut after the last complete line when more bytes are on the way. A writer
+//! owns one sink (the launcher's stdout or stderr, or both when they are the
+//! same file). A source whose last chunk ended mid-line (not after `\n` or
+//! `\r`) owns the sink until it finishes the line, so its partial line shows
+//! at once while other sources' chunks wait.
+//!
+//! The writer ends a partial line with a `\n` of its own in two cases: other
+//! sources wait and the owner added nothing for [`LINE_HOLD`] (or held the
+//! sink for [`LINE_HOLD_MAX`], or starts redrawing with `\r`), or the owner's
+//! stream ended without a final newline and another source writes next.
+//! Those newlines and `--tag-output` labels are the only bytes it adds.
 //!
 //! Memory stays bounded: a pump may have [`QUEUED_BYTES_PER_STREAM`] bytes
 //! on the way, plus one chunk of [`CHUNK_SIZE`] it is reading, and waits for
@@ -34,45 +38,52 @@ const SINK_BUFFER: usize = 256 * 1024;
 /// Largest chunk a pump reads at once.
 pub const CHUNK_SIZE: usize = 64 * 1024;
 
-/// Bytes one rank stream may have queued for its writer. A rank whose
-/// chunks wait behind another rank's partial line keeps running until it
-/// has this much queued, which keeps two ranks that each hold one of the
-/// two streams from waiting on each other.
+/// Bytes one source may have queued for its writer. A rank whose chunks wait
+/// behind another rank's partial line keeps running until it has this much
+/// queued, which keeps two ranks that each hold one of the two streams from
+/// waiting on each other.
 pub const QUEUED_BYTES_PER_STREAM: usize = 4 * CHUNK_SIZE;
 
 /// How long a pump waits for the rest of a partial line before sending what it has.
 pub const PARTIAL_LINE_DELAY: Duration = Duration::from_millis(10);
 
-/// How long other ranks wait for a rank that has written nothing more of its
+/// How long other sources wait for a source that has written nothing more of its
 /// partial line before the writer ends that line for it.
 pub const LINE_HOLD: Duration = Duration::from_secs(1);
 
-/// How long other ranks wait for one partial line at most, even while its
-/// rank keeps adding to it (a row of progress dots, say).
+/// How long other sources wait for one partial line at most, even while its
+/// source keeps adding to it (a row of progress dots, say).
 pub const LINE_HOLD_MAX: Duration = Duration::from_secs(3);
 
 /// A message from a pump to its writer.
 enum Message {
     Data {
-        rank: usize,
+        source: usize,
         bytes: Vec<u8>,
         /// Returned to the pump's semaphore once the bytes are written.
         _permit: OwnedSemaphorePermit,
     },
-    /// The rank's stream reached end of file; `drained` fires once everything
+    /// The source's stream reached end of file; `drained` fires once everything
     /// before it has been written to the sink.
-    End { rank: usize, drained: oneshot::Sender<()> },
+    End { source: usize, drained: oneshot::Sender<()> },
 }
 
 impl Message {
-    fn rank(&self) -> usize {
+    fn source(&self) -> usize {
         match self {
-            Message::Data { rank, .. } | Message::End { rank, .. } => *rank,
+            Message::Data { source, .. } | Message::End { source, .. } => *source,
         }
     }
 }
 
-/// The sending side of one launcher stream (stdout or stderr), cloned per rank.
+/// What a writer task returns once every [`StreamWriter`] is gone.
+pub struct WriterEnd {
+    pub sink: ByteWriter,
+    /// Whether the last bytes written ended mid-line.
+    pub mid_line: bool,
+}
+
+/// The sending side of one writer, cloned per source.
 #[derive(Clone)]
 pub struct StreamWriter {
     tx: mpsc::UnboundedSender<Message>,
@@ -80,20 +91,21 @@ pub struct StreamWriter {
     broken: Arc<AtomicBool>,
 }
 
-/// Starts the writer task of one launcher stream. Labels, if given, prefix
-/// every line of rank `i` with `labels[i]`. The task returns the sink once
+/// Starts the writer task of one sink for `sources` sources. Labels, if
+/// given, prefix every line of source `i` with `labels[i]`. The task returns the sink once
 /// every [`StreamWriter`] is dropped and all messages are written.
 pub fn start_writer(
     sink: ByteWriter,
+    sources: usize,
     labels: Option<Vec<String>>,
-) -> (StreamWriter, tokio::task::JoinHandle<ByteWriter>) {
+) -> (StreamWriter, tokio::task::JoinHandle<WriterEnd>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let broken = Arc::new(AtomicBool::new(false));
-    let ranks = labels.as_ref().map_or(0, Vec::len);
     let writer = Writer {
         sink: BufWriter::with_capacity(SINK_BUFFER, sink),
         labels,
-        at_line_start: vec![true; ranks],
+        at_line_start: vec![true; sources],
+        dangling: None,
         owner: None,
         owner_since: Instant::now(),
         owner_active: Instant::now(),
@@ -106,7 +118,7 @@ pub fn start_writer(
 }
 
 impl StreamWriter {
-    /// Forwards everything `reader` yields as rank `rank`'s output, copying
+    /// Forwards everything `reader` yields as the output of `source`, copying
     /// it to `copy` as well if given. Resolves once the stream ended and its
     /// last byte reached the sink.
     ///
@@ -114,7 +126,7 @@ impl StreamWriter {
     /// end of a read waits up to [`PARTIAL_LINE_DELAY`] for the rest, then
     /// goes out on its own, so a prompt or progress bar shows at once while
     /// a line written in several pieces is sent whole.
-    pub async fn pump(&self, rank: usize, mut reader: ByteReader, mut copy: Option<ByteWriter>) {
+    pub async fn pump(&self, source: usize, mut reader: ByteReader, mut copy: Option<ByteWriter>) {
         let credits = Arc::new(Semaphore::new(QUEUED_BYTES_PER_STREAM));
         let mut buffer = vec![0u8; CHUNK_SIZE];
         // Bytes read but not yet sent: the start of a line.
@@ -128,7 +140,7 @@ impl StreamWriter {
             };
             let n = match read {
                 None => {
-                    self.send(&credits, rank, std::mem::take(&mut pending)).await;
+                    self.send(&credits, source, std::mem::take(&mut pending)).await;
                     continue;
                 }
                 Some(Ok(0)) => break,
@@ -137,13 +149,13 @@ impl StreamWriter {
                 Some(Ok(_)) if self.broken.load(Ordering::Relaxed) => break,
                 Some(Ok(n)) => n,
                 Some(Err(error)) => {
-                    tracing::warn!(rank, %error, "reading rank output failed");
+                    tracing::warn!(source, %error, "reading rank output failed");
                     break;
                 }
             };
             if let Some(file) = copy.as_mut() {
                 if let Err(error) = file.write_all(&buffer[..n]).await {
-                    tracing::warn!(rank, %error, "writing the rank's output file failed; the file is incomplete");
+                    tracing::warn!(source, %error, "writing the rank's output file failed; the file is incomplete");
                     copy = None;
                 }
             }
@@ -151,41 +163,44 @@ impl StreamWriter {
             match pending.iter().rposition(|&b| b == b'\n') {
                 Some(last) => {
                     let tail = pending.split_off(last + 1);
-                    self.send(&credits, rank, std::mem::replace(&mut pending, tail)).await;
+                    self.send(&credits, source, std::mem::replace(&mut pending, tail)).await;
                 }
                 // A line longer than a chunk streams through in pieces.
-                None if pending.len() >= CHUNK_SIZE => self.send(&credits, rank, std::mem::take(&mut pending)).await,
+                None if pending.len() >= CHUNK_SIZE => self.send(&credits, source, std::mem::take(&mut pending)).await,
                 None => {}
             }
         }
         if !pending.is_empty() {
-            self.send(&credits, rank, pending).await;
+            self.send(&credits, source, pending).await;
         }
         if let Some(mut file) = copy {
             let _ = file.flush().await;
         }
         let (drained, done) = oneshot::channel();
-        if self.tx.send(Message::End { rank, drained }).is_ok() {
+        if self.tx.send(Message::End { source, drained }).is_ok() {
             let _ = done.await;
         }
     }
 
     /// Queues `bytes` for the writer once the stream's byte budget allows.
-    async fn send(&self, credits: &Arc<Semaphore>, rank: usize, bytes: Vec<u8>) {
+    async fn send(&self, credits: &Arc<Semaphore>, source: usize, bytes: Vec<u8>) {
         // Chunks never exceed two reads, so they always fit the budget.
         let size = bytes.len().min(QUEUED_BYTES_PER_STREAM) as u32;
         let permit = credits.clone().acquire_many_owned(size).await.expect("the semaphore is never closed");
-        let _ = self.tx.send(Message::Data { rank, bytes, _permit: permit });
+        let _ = self.tx.send(Message::Data { source, bytes, _permit: permit });
     }
 }
 
 struct Writer {
     sink: BufWriter<ByteWriter>,
     labels: Option<Vec<String>>,
-    /// Per rank, whether its next byte starts a line (for labels).
+    /// Per source, whether its next byte starts a line (for labels).
     at_line_start: Vec<bool>,
-    /// The rank whose partial line is on the sink, if any.
+    /// The source whose partial line is on the sink, if any.
     owner: Option<usize>,
+    /// A source whose stream ended mid-line; its line is ended only if
+    /// another source writes after it, so a lone rank's bytes stay exact.
+    dangling: Option<usize>,
     /// When the current owner took the sink.
     owner_since: Instant,
     /// When the current owner last wrote.
@@ -199,7 +214,7 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Message>) -> ByteWriter {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Message>) -> WriterEnd {
         let mut open = true;
         while open || !self.held.is_empty() {
             let hold_deadline = (self.owner_active + LINE_HOLD).min(self.owner_since + LINE_HOLD_MAX);
@@ -223,7 +238,10 @@ impl Writer {
             }
         }
         self.flush().await;
-        self.sink.into_inner()
+        WriterEnd {
+            mid_line: self.dangling.is_some() || self.owner.is_some(),
+            sink: self.sink.into_inner(),
+        }
     }
 
     async fn flush(&mut self) {
@@ -232,10 +250,17 @@ impl Writer {
         }
     }
 
-    /// Writes `message` now, or queues it while another rank owns the sink.
+    /// Writes `message` now, or queues it while another source owns the sink.
     async fn accept(&mut self, message: Message) {
+        // A redraw that starts with `\r` (as tqdm writes) begins a new frame,
+        // so the owner's current frame is a whole line for waiting sources.
+        if let Message::Data { source, bytes, .. } = &message {
+            if self.owner == Some(*source) && bytes.first() == Some(&b'\r') && !self.held.is_empty() {
+                self.release_owner().await;
+            }
+        }
         match self.owner {
-            Some(owner) if owner != message.rank() => self.held.push_back(message),
+            Some(owner) if owner != message.source() => self.held.push_back(message),
             _ => {
                 self.write(message).await;
                 self.write_held().await;
@@ -246,7 +271,7 @@ impl Writer {
     /// Ends the owner's partial line and writes what waited for it.
     async fn release_owner(&mut self) {
         if let Some(owner) = self.owner.take() {
-            tracing::debug!(rank = owner, waiting = self.held.len(), "ending a partial line that others waited for");
+            tracing::debug!(source = owner, waiting = self.held.len(), "ending a partial line that others waited for");
             self.end_line(owner).await;
         }
         self.write_held().await;
@@ -257,8 +282,8 @@ impl Writer {
     async fn write_held(&mut self) {
         let mut index = 0;
         while index < self.held.len() {
-            let rank = self.held[index].rank();
-            if self.owner.is_some_and(|owner| owner != rank) {
+            let source = self.held[index].source();
+            if self.owner.is_some_and(|owner| owner != source) {
                 index += 1;
                 continue;
             }
@@ -270,22 +295,24 @@ impl Writer {
 
     async fn write(&mut self, message: Message) {
         match message {
-            Message::Data { rank, bytes, _permit } => {
+            Message::Data { source, bytes, _permit } => {
+                if let Some(ended) = self.dangling.take() {
+                    self.end_line(ended).await;
+                }
                 let now = Instant::now();
-                if self.owner != Some(rank) {
+                if self.owner != Some(source) {
                     self.owner_since = now;
                 }
                 self.owner_active = now;
-                self.write_bytes(rank, &bytes).await;
+                self.write_bytes(source, &bytes).await;
                 // A carriage return also frees the sink: progress bars
                 // redraw with `\r`, and the next line simply follows it.
-                self.owner = (!matches!(bytes.last(), Some(b'\n' | b'\r'))).then_some(rank);
+                self.owner = (!matches!(bytes.last(), Some(b'\n' | b'\r'))).then_some(source);
             }
-            Message::End { rank, drained } => {
-                if self.owner == Some(rank) {
-                    tracing::debug!(rank, "ending the unterminated last line");
+            Message::End { source, drained } => {
+                if self.owner == Some(source) {
                     self.owner = None;
-                    self.end_line(rank).await;
+                    self.dangling = Some(source);
                 }
                 self.flush().await;
                 let _ = drained.send(());
@@ -293,22 +320,22 @@ impl Writer {
         }
     }
 
-    async fn end_line(&mut self, rank: usize) {
-        self.write_bytes(rank, b"\n").await;
+    async fn end_line(&mut self, source: usize) {
+        self.write_bytes(source, b"\n").await;
     }
 
-    async fn write_bytes(&mut self, rank: usize, bytes: &[u8]) {
+    async fn write_bytes(&mut self, source: usize, bytes: &[u8]) {
         let result = match &self.labels {
             None => self.sink.write_all(bytes).await,
             Some(labels) => {
                 self.scratch.clear();
-                let label = labels[rank].as_bytes();
+                let label = labels[source].as_bytes();
                 for line in bytes.split_inclusive(|&b| b == b'\n') {
-                    if self.at_line_start[rank] {
+                    if self.at_line_start[source] {
                         self.scratch.extend_from_slice(label);
                     }
                     self.scratch.extend_from_slice(line);
-                    self.at_line_start[rank] = line.last() == Some(&b'\n');
+                    self.at_line_start[source] = line.last() == Some(&b'\n');
                 }
                 self.sink.write_all(&self.scratch).await
             }

@@ -47,6 +47,9 @@ pub struct LauncherIo {
     /// The launcher's stdin, read only if some rank takes stdin.
     pub stdin: Option<ByteReader>,
     pub signals: mpsc::UnboundedReceiver<LauncherSignal>,
+    /// Whether stdout and stderr are the same file (a terminal, or `2>&1`):
+    /// then one writer takes both, so lines stay whole across the two.
+    pub merge_streams: bool,
 }
 
 /// What rank tasks tell the loop.
@@ -99,10 +102,18 @@ pub async fn supervise_with_planted_bug(
     io: LauncherIo,
     forget_rank: Option<usize>,
 ) -> Report {
-    let LauncherIo { stdout, stderr, stdin, mut signals } = io;
+    let LauncherIo { stdout, stderr, stdin, mut signals, merge_streams } = io;
+    // Source 2r is rank r's stdout and 2r + 1 its stderr, in either writer.
+    let sources = 2 * ranks.len();
     let labels = options.tag_output.then(|| tag_labels(ranks));
-    let (stdout_writer, stdout_done) = output::start_writer(stdout, labels.clone());
-    let (stderr_writer, stderr_done) = output::start_writer(stderr, labels);
+    let (stdout_writer, stdout_done) = output::start_writer(stdout, sources, labels.clone());
+    // Two writers on one file would interleave their buffers mid-line.
+    let (stderr_writer, stderr_done, mut stderr) = if merge_streams {
+        (stdout_writer.clone(), None, Some(stderr))
+    } else {
+        let (writer, done) = output::start_writer(stderr, sources, labels);
+        (writer, Some(done), None)
+    };
 
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let stdin_registry = stdin::start_broadcast(stdin, ranks.iter().any(|r| r.stdin));
@@ -147,16 +158,27 @@ pub async fn supervise_with_planted_bug(
     let report = supervisor.into_report();
     // The writers finish once every rank task dropped its clone; tasks of
     // ranks not confirmed dead may still hold theirs, so do not wait for them.
-    let mut stderr = match tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = stdout_done.await;
-        stderr_done.await
+    let ended = tokio::time::timeout(Duration::from_secs(1), async {
+        let stdout_end = stdout_done.await.ok();
+        let stderr_end = match stderr_done {
+            Some(done) => done.await.ok(),
+            None => None,
+        };
+        (stdout_end, stderr_end)
     })
-    .await
-    {
-        Ok(Ok(stderr)) => Some(stderr),
-        _ => None,
-    };
-    let text = summary(&report);
+    .await;
+    let mut text = summary(&report);
+    if let Ok((stdout_end, stderr_end)) = ended {
+        // On a shared file, a rank's unterminated last line must not run into the summary.
+        if merge_streams && stdout_end.as_ref().is_some_and(|end| end.mid_line) && !text.is_empty() {
+            text.insert(0, '\n');
+        }
+        if let Some(end) = stderr_end {
+            stderr = Some(end.sink);
+        }
+    } else {
+        stderr = None;
+    }
     if let (Some(sink), false) = (stderr.as_mut(), text.is_empty()) {
         let _ = sink.write_all(text.as_bytes()).await;
         let _ = sink.flush().await;
@@ -176,7 +198,14 @@ async fn sleep_until(at: Option<Instant>) {
 
 fn tag_labels(ranks: &[RankSpec]) -> Vec<String> {
     let width = ranks.len().saturating_sub(1).to_string().len();
-    ranks.iter().map(|r| format!("[{:>width$} {}] ", r.rank, r.host)).collect()
+    // One label for each rank's stdout and one for its stderr.
+    ranks
+        .iter()
+        .flat_map(|r| {
+            let label = format!("[{:>width$} {}] ", r.rank, r.host);
+            [label.clone(), label]
+        })
+        .collect()
 }
 
 impl Supervisor {
@@ -269,9 +298,12 @@ impl Supervisor {
 
     fn kill_all(&mut self) {
         for (rank, report) in self.reports.iter_mut().enumerate() {
-            if report.is_alive() && self.forgotten != Some(rank) {
-                tracing::info!(rank, "sending SIGKILL");
-                report.killed = true;
+            // A rank that ended may still be stopping what it left behind.
+            if !report.finished && self.forgotten != Some(rank) {
+                if report.is_alive() {
+                    tracing::info!(rank, "sending SIGKILL");
+                    report.killed = true;
+                }
                 let _ = self.controls[rank].send(RankSignal::Kill);
             }
         }
@@ -324,8 +356,8 @@ impl RankTask {
         let (stdout_copy, stderr_copy) = self.open_copies().await;
         let stdout = self.stdout.clone();
         let stderr = self.stderr.clone();
-        let pump_out = tokio::spawn(async move { stdout.pump(rank, spawned.stdout, stdout_copy).await });
-        let pump_err = tokio::spawn(async move { stderr.pump(rank, spawned.stderr, stderr_copy).await });
+        let pump_out = tokio::spawn(async move { stdout.pump(2 * rank, spawned.stdout, stdout_copy).await });
+        let pump_err = tokio::spawn(async move { stderr.pump(2 * rank + 1, spawned.stderr, stderr_copy).await });
         if let Some(writer) = spawned.stdin {
             self.stdin.register(rank, writer);
         }
@@ -345,15 +377,32 @@ impl RankTask {
         };
         let _ = self.events.send(Event::Ended { rank, result });
 
-        let pumps = async {
-            let _ = pump_out.await;
-            let _ = pump_err.await;
+        // Stop what the rank left behind and forward the rest of its output,
+        // still relaying signals: SIGKILL must reach lingering leftovers.
+        let drain_limit = self.drain_limit;
+        let cleanup = async {
+            control.finish().await;
+            let pumps = async {
+                let _ = pump_out.await;
+                let _ = pump_err.await;
+            };
+            if tokio::time::timeout(drain_limit, pumps).await.is_err() {
+                tracing::warn!(
+                    rank,
+                    "the rank ended but its output was not fully forwarded: a process outside its process group holds its pipe open, or nothing reads the launcher's output; not waiting for it"
+                );
+            }
         };
-        if tokio::time::timeout(self.drain_limit, pumps).await.is_err() {
-            tracing::warn!(
-                rank,
-                "the rank ended but its output is still open, held by a process outside its process group; not waiting for it"
-            );
+        tokio::pin!(cleanup);
+        loop {
+            tokio::select! {
+                () = &mut cleanup => break,
+                Some(signal) = self.controls.recv() => {
+                    if let Err(error) = control.signal(signal).await {
+                        tracing::warn!(rank, %error, ?signal, "signalling the rank's leftovers failed");
+                    }
+                }
+            }
         }
         let _ = self.events.send(Event::Finished { rank });
     }

@@ -155,3 +155,38 @@ fn second_signal_kills_at_once() {
     assert!(output.elapsed < Duration::from_secs(30), "the second SIGINT did not kill at once");
     assert_eq!(survivors_after(&marker, Duration::from_secs(5)), Vec::<u32>::new());
 }
+
+/// Regression: the launcher used to SIGKILL a rank's whole group as soon as
+/// the group leader died, cutting short a child's own SIGTERM handling.
+#[test]
+fn children_of_a_wrapper_get_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("saved");
+    let inner = dir.path().join("inner.sh");
+    std::fs::write(
+        &inner,
+        "trap 'sleep 0.3; echo saved > \"$OUT\"; exit 0' TERM\necho ready\nsleep 300 &\nwait\n",
+    )
+    .unwrap();
+    let wrapper = format!("sh {}; echo unreachable", inner.display());
+    let out = format!("OUT={}", saved.display());
+    let mut command = ringleader(["--grace", "10", "--stdin", "none", "--env", &out, "--", "sh", "-c", &wrapper]);
+    let mut child = start(&mut command);
+    let mut lines = lines_of(child.stdout.take().unwrap());
+    read_until(&mut lines, "ready", 1);
+
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let output = finish(child);
+    assert_eq!(output.code(), Some(143));
+    assert_eq!(std::fs::read_to_string(&saved).unwrap_or_default(), "saved\n", "the child's SIGTERM handler was cut short");
+}
+
+#[test]
+fn background_leftovers_of_a_finished_rank_are_stopped() {
+    let marker = unique_marker("leftover");
+    let env = format!("TEST_MARKER={marker}");
+    let output = launch(&["-n", "2", "--env", &env], "sleep 300 & echo done");
+    assert_eq!(output.code(), Some(0));
+    assert!(output.elapsed < Duration::from_secs(20), "{:?}", output.elapsed);
+    assert_eq!(survivors_after(&marker, Duration::from_secs(5)), Vec::<u32>::new());
+}

@@ -135,3 +135,23 @@ fn closed_launcher_stdout_stops_writers_with_sigpipe() {
     assert_eq!(output.code(), Some(128 + 13), "ranks writing to a closed stdout end by SIGPIPE");
     assert!(output.stderr_text().contains("killed by SIGPIPE"), "{}", output.stderr_text());
 }
+
+/// Regression: with `2>&1` the two streams' writers interleaved their
+/// buffers on the shared pipe and spliced lines.
+#[test]
+fn shared_stdout_and_stderr_keep_lines_whole() {
+    let awk = r#"BEGIN { r = ENVIRON["MLX_RANK"]; for (i = 0; i < 200000; i++) {
+        if (r == 0) print "out", r, i, "abcdefghijklmnopqrstuvwxyz";
+        else print "err", r, i, "abcdefghijklmnopqrstuvwxyz" > "/dev/stderr" } }"#;
+    let launcher = ringleader_tests::bin("ringleader");
+    let script = format!("exec {} -n 2 -- awk '{}' 2>&1", launcher.display(), awk);
+    let output = run(std::process::Command::new("sh").args(["-c", &script]), b"");
+    assert_eq!(output.code(), Some(0));
+    let mut counts = [0usize; 2];
+    for (number, line) in output.stdout_text().lines().enumerate() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        assert!(fields.len() == 4 && fields[3] == "abcdefghijklmnopqrstuvwxyz", "line {number} is spliced: {line:?}");
+        counts[fields[1].parse::<usize>().unwrap()] += 1;
+    }
+    assert_eq!(counts, [200000, 200000]);
+}

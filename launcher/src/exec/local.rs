@@ -5,24 +5,46 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use nix::sys::signal::killpg;
+use nix::errno::Errno;
+use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::process::Command;
+use tokio::time::Instant;
 
 use super::{BoxFuture, RankControl, RankSignal, RankSpec, SpawnError, Spawned, Spawner, Termination};
 
-/// Starts ranks as child processes on this machine.
-#[derive(Debug, Default)]
-pub struct LocalSpawner;
+/// How often [`RankControl::finish`] checks whether a rank's leftovers are gone.
+const LEFTOVER_POLL: Duration = Duration::from_millis(20);
 
-impl Spawner for LocalSpawner {
-    fn spawn<'a>(&'a self, spec: &'a RankSpec) -> BoxFuture<'a, Result<Spawned, SpawnError>> {
-        Box::pin(async move { spawn_local(spec) })
+/// Starts ranks as child processes on this machine.
+#[derive(Debug)]
+pub struct LocalSpawner {
+    /// Time leftovers of a rank get between SIGTERM and SIGKILL.
+    grace: Duration,
+}
+
+impl LocalSpawner {
+    pub fn new(grace: Duration) -> LocalSpawner {
+        LocalSpawner { grace }
     }
 }
 
-fn spawn_local(spec: &RankSpec) -> Result<Spawned, SpawnError> {
+impl Default for LocalSpawner {
+    /// A spawner with the launcher's default grace period of 5 seconds.
+    fn default() -> LocalSpawner {
+        LocalSpawner::new(Duration::from_secs(5))
+    }
+}
+
+impl Spawner for LocalSpawner {
+    fn spawn<'a>(&'a self, spec: &'a RankSpec) -> BoxFuture<'a, Result<Spawned, SpawnError>> {
+        Box::pin(async move { spawn_local(spec, self.grace) })
+    }
+}
+
+fn spawn_local(spec: &RankSpec, grace: Duration) -> Result<Spawned, SpawnError> {
     let io_error = |source: io::Error| SpawnError::Io {
         rank: spec.rank,
         host: spec.host.clone(),
@@ -41,6 +63,18 @@ fn spawn_local(spec: &RankSpec) -> Result<Spawned, SpawnError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls signal(2), which is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            // Ranks run in background process groups. Ignoring SIGTTOU and
+            // SIGTTIN lets a rank set terminal modes, and turns its reads of
+            // the terminal into EIO, instead of stopping it forever.
+            libc::signal(libc::SIGTTOU, libc::SIG_IGN);
+            libc::signal(libc::SIGTTIN, libc::SIG_IGN);
+            Ok(())
+        });
+    }
     match (&spec.cwd, &spec.default_cwd) {
         (Some(cwd), _) => {
             command.current_dir(cwd);
@@ -70,18 +104,15 @@ fn spawn_local(spec: &RankSpec) -> Result<Spawned, SpawnError> {
         _ => io_error(source),
     })?;
     let pid = child.id().expect("a child that was just spawned has not been reaped");
-    let reaped = Arc::new(AtomicBool::new(false));
+    let state = Arc::new(GroupState::default());
 
     let stdout = Box::new(child.stdout.take().expect("stdout is piped"));
     let stderr = Box::new(child.stderr.take().expect("stderr is piped"));
     let stdin = child.stdin.take().map(|s| Box::new(s) as super::ByteWriter);
-    let wait_reaped = reaped.clone();
+    let wait_state = state.clone();
     let wait = Box::pin(async move {
         let status = child.wait().await;
-        wait_reaped.store(true, Ordering::Release);
-        // A rank's process group ends with the rank: whatever it left behind
-        // would otherwise keep running and hold its output pipes open.
-        let _ = killpg(Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        wait_state.reaped.store(true, Ordering::Release);
         // The rank's files live exactly as long as its process.
         drop(files);
         let status = status?;
@@ -100,34 +131,101 @@ fn spawn_local(spec: &RankSpec) -> Result<Spawned, SpawnError> {
         wait,
         control: Box::new(LocalControl {
             group: Pid::from_raw(pid as i32),
-            reaped,
+            state,
+            grace,
         }),
     })
+}
+
+/// What the rank's control and wait future share.
+#[derive(Debug, Default)]
+struct GroupState {
+    /// Set once the group leader has been reaped.
+    reaped: AtomicBool,
+    /// Set once the supervisor sent the group any signal.
+    signalled: AtomicBool,
 }
 
 /// Signals a local rank's process group.
 struct LocalControl {
     /// Process group id, equal to the rank's pid since it leads its own group.
     group: Pid,
-    /// Set once the group leader has been reaped.
-    reaped: Arc<AtomicBool>,
+    state: Arc<GroupState>,
+    grace: Duration,
 }
 
 impl RankControl for LocalControl {
     fn signal(&self, signal: RankSignal) -> BoxFuture<'_, io::Result<()>> {
-        // After the leader is reaped only SIGKILL still goes out, to clear the
-        // processes it left in its group. The group id cannot be reused while
-        // any of them lives, and an empty group gives ESRCH.
-        let result = if self.reaped.load(Ordering::Acquire) && signal != RankSignal::Kill {
-            Ok(())
-        } else {
-            match killpg(self.group, signal.as_nix()) {
-                Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
-                // macOS reports EPERM for a group whose members are all zombies.
-                Err(nix::errno::Errno::EPERM) if self.reaped.load(Ordering::Acquire) => Ok(()),
-                Err(errno) => Err(io::Error::from(errno)),
-            }
+        self.state.signalled.store(true, Ordering::Release);
+        // The group id cannot be reused while any member of the group lives,
+        // so signalling it after the leader was reaped reaches only leftovers;
+        // an empty group gives ESRCH.
+        let result = match killpg(self.group, signal.as_nix()) {
+            Ok(()) | Err(Errno::ESRCH) => Ok(()),
+            // macOS reports EPERM for a group whose members are all zombies.
+            Err(Errno::EPERM) if self.state.reaped.load(Ordering::Acquire) => Ok(()),
+            Err(errno) => Err(io::Error::from(errno)),
         };
         Box::pin(async move { result })
     }
+
+    fn finish(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if !group_alive(self.group) {
+                return;
+            }
+            // Leftovers that already got the supervisor's signal keep the
+            // grace period it gave them; a second SIGTERM could interrupt
+            // their shutdown.
+            if !self.state.signalled.load(Ordering::Acquire) {
+                tracing::debug!(group = %self.group, "the rank left processes behind; sending SIGTERM");
+                let _ = killpg(self.group, Signal::SIGTERM);
+            }
+            let deadline = Instant::now() + self.grace;
+            while group_alive(self.group) {
+                if Instant::now() >= deadline {
+                    tracing::debug!(group = %self.group, "leftovers outlived the grace period; sending SIGKILL");
+                    let _ = killpg(self.group, Signal::SIGKILL);
+                    return;
+                }
+                tokio::time::sleep(LEFTOVER_POLL).await;
+            }
+        })
+    }
+}
+
+/// Returns whether any process of `group` is alive. Zombies do not count:
+/// where nothing reaps orphans (PID 1 in some containers), they linger.
+fn group_alive(group: Pid) -> bool {
+    match killpg(group, None) {
+        Err(_) => false,
+        Ok(()) => !cfg!(target_os = "linux") || has_live_member(group),
+    }
+}
+
+/// Scans /proc for a member of `group` that is not a zombie.
+fn has_live_member(group: Pid) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the command name: state, ppid, pgrp, ...
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        let pgrp = fields.nth(1).and_then(|f| f.parse::<i32>().ok());
+        if pgrp == Some(group.as_raw()) && state != Some("Z") {
+            return true;
+        }
+    }
+    false
 }

@@ -114,6 +114,14 @@ pub trait RankControl: Send + Sync {
     /// Delivers `signal` to the rank's whole process group. Signalling a rank
     /// that already ended is not an error.
     fn signal(&self, signal: RankSignal) -> BoxFuture<'_, io::Result<()>>;
+
+    /// Stops what the rank left in its process group once its leader has
+    /// ended: SIGTERM unless the group already got a signal, then SIGKILL
+    /// after the grace period. Resolves when the group is gone. The default
+    /// does nothing, for transports whose remote side cleans up by itself.
+    fn finish(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// A started rank.
@@ -123,9 +131,10 @@ pub struct Spawned {
     pub stdin: Option<ByteWriter>,
     pub stdout: ByteReader,
     pub stderr: ByteReader,
-    /// Resolves once the rank's process has ended and been reaped, after the
-    /// spawner killed (SIGKILL) whatever was left in the rank's process group
-    /// and removed the rank's files. Dropping it does not stop the rank.
+    /// Resolves once the rank's process has ended and been reaped, and the
+    /// spawner removed the rank's files. Processes the rank left in its group
+    /// may still run; [`RankControl::finish`] stops them. Dropping the future
+    /// does not stop the rank.
     pub wait: BoxFuture<'static, io::Result<Termination>>,
     pub control: Box<dyn RankControl>,
 }

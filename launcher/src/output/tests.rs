@@ -5,14 +5,15 @@ use super::*;
 /// Runs a writer over a duplex sink and returns what reached the sink.
 struct Harness {
     writer: Option<StreamWriter>,
-    handle: tokio::task::JoinHandle<ByteWriter>,
+    handle: tokio::task::JoinHandle<WriterEnd>,
     sink_reader: DuplexStream,
 }
 
 impl Harness {
     fn new(labels: Option<Vec<String>>) -> Harness {
         let (sink, sink_reader) = duplex(16 * 1024 * 1024);
-        let (writer, handle) = start_writer(Box::new(sink), labels);
+        let sources = labels.as_ref().map_or(2, Vec::len);
+        let (writer, handle) = start_writer(Box::new(sink), sources, labels);
         Harness { writer: Some(writer), handle, sink_reader }
     }
 
@@ -24,13 +25,29 @@ impl Harness {
         (rank_end, pump)
     }
 
-    async fn finish(mut self) -> String {
+    /// Queues `bytes` from `source` exactly as a pump would, in call order.
+    async fn chunk(&self, source: usize, bytes: &[u8]) {
+        let credits = Arc::new(Semaphore::new(QUEUED_BYTES_PER_STREAM));
+        self.writer.as_ref().unwrap().send(&credits, source, bytes.to_vec()).await;
+    }
+
+    /// Queues the end of `source`'s stream without waiting for it to drain.
+    async fn end(&self, source: usize) {
+        let (drained, _) = oneshot::channel();
+        let _ = self.writer.as_ref().unwrap().tx.send(Message::End { source, drained });
+    }
+
+    async fn finish(self) -> String {
+        String::from_utf8(self.finish_bytes().await).unwrap()
+    }
+
+    async fn finish_bytes(mut self) -> Vec<u8> {
         self.writer.take();
-        let sink = self.handle.await.unwrap();
-        drop(sink);
-        let mut text = String::new();
-        self.sink_reader.read_to_string(&mut text).await.unwrap();
-        text
+        let end = self.handle.await.unwrap();
+        drop(end.sink);
+        let mut bytes = Vec::new();
+        self.sink_reader.read_to_end(&mut bytes).await.unwrap();
+        bytes
     }
 }
 
@@ -100,7 +117,7 @@ async fn labels_prefix_every_line() {
     a.write_all(b"x\ny\nz").await.unwrap();
     drop(a);
     pump_a.await.unwrap();
-    assert_eq!(harness.finish().await, "[0] x\n[0] y\n[0] z\n");
+    assert_eq!(harness.finish().await, "[0] x\n[0] y\n[0] z");
 }
 
 #[tokio::test]
@@ -127,18 +144,33 @@ async fn long_line_arrives_whole() {
 }
 
 #[tokio::test]
-async fn carriage_return_frees_the_sink() {
+async fn lone_unterminated_output_stays_byte_exact() {
     let harness = Harness::new(None);
     let (mut a, pump_a) = harness.rank(0);
-    let (mut b, pump_b) = harness.rank(1);
-    a.write_all(b"10%\r").await.unwrap();
-    a.flush().await.unwrap();
-    b.write_all(b"b-line\n").await.unwrap();
-    drop(b);
-    // Without the release this would wait for the hold period.
-    tokio::time::timeout(LINE_HOLD / 2, pump_b).await.expect("rank 1 waited for rank 0's progress bar").unwrap();
+    a.write_all(b"\x00binary\xff").await.unwrap();
     drop(a);
     pump_a.await.unwrap();
-    let text = harness.finish().await;
-    assert!(text.contains("b-line\n"), "{text:?}");
+    assert_eq!(harness.finish_bytes().await, b"\x00binary\xff");
+}
+
+#[tokio::test]
+async fn redraw_with_leading_carriage_return_lets_others_through() {
+    let harness = Harness::new(None);
+    harness.chunk(0, b"\r 10%").await;
+    harness.chunk(1, b"b-line\n").await;
+    harness.chunk(0, b"\r 20%").await;
+    harness.end(0).await;
+    harness.end(1).await;
+    assert_eq!(harness.finish().await, "\r 10%\nb-line\n\r 20%");
+}
+
+#[tokio::test]
+async fn chunk_ending_in_carriage_return_does_not_hold_others() {
+    let harness = Harness::new(None);
+    harness.chunk(0, b"10%\r").await;
+    harness.chunk(1, b"b-line\n").await;
+    harness.chunk(0, b"20%\r").await;
+    harness.end(0).await;
+    harness.end(1).await;
+    assert_eq!(harness.finish().await, "10%\rb-line\n20%\r");
 }
