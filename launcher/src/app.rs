@@ -122,7 +122,7 @@ async fn launch(cli: &Cli, plan: &LaunchPlan) -> i32 {
     };
     let options = SupervisorOptions {
         grace: Duration::from_secs_f64(cli.grace),
-        timeout: cli.timeout.map(Duration::from_secs_f64),
+        timeout: cli.timeout.filter(|seconds| *seconds > 0.0).map(Duration::from_secs_f64),
         tag_output: cli.tag_output,
         output_dir: cli.output_dir.clone(),
         kill_confirm: Duration::from_secs(10),
@@ -313,7 +313,7 @@ fn run_mpi(cli: &Cli, command: &MpiCommand) -> i32 {
         };
         let options = mpi::RunOptions {
             grace: Duration::from_secs_f64(cli.grace),
-            timeout: cli.timeout.map(Duration::from_secs_f64),
+            timeout: cli.timeout.filter(|seconds| *seconds > 0.0).map(Duration::from_secs_f64),
             stdin: cli.stdin != crate::cli::StdinMode::None,
         };
         mpi::run(command, &options, signals).await

@@ -44,7 +44,7 @@ pub struct Cli {
     /// Number of ranks to start on each host; inside a Slurm allocation, a value above 1
     /// replaces Slurm's tasks per node.
     #[arg(short = 'n', long = "repeat-hosts", default_value_t = 1, value_name = "N",
-          value_parser = clap::value_parser!(u32).range(1..), help_heading = "Hosts")]
+          value_parser = clap::value_parser!(u32).range(1..=65535), help_heading = "Hosts")]
     pub repeat_hosts: u32,
 
     /// JSON hostfile in mlx.launch format: a list of {"ssh", "ips", "rdma"} hosts, or an
@@ -102,7 +102,8 @@ pub struct Cli {
           help_heading = "Supervision")]
     pub grace: f64,
 
-    /// Stop the whole job after this many seconds and exit 124 [default: no limit].
+    /// Stop the whole job after this many seconds and exit 124; 0 means no limit, as
+    /// for timeout(1) [default: no limit].
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, help_heading = "Supervision")]
     pub timeout: Option<f64>,
 
@@ -130,7 +131,7 @@ pub struct Cli {
           help_heading = "Remote hosts")]
     pub keepalive: f64,
 
-    /// Prefix every output line with the rank and host, as "[rank 3 host] ".
+    /// Prefix every output line with the rank and host, as "[3 node1] ".
     #[arg(long, help_heading = "Output")]
     pub tag_output: bool,
 
@@ -185,7 +186,7 @@ pub struct DoctorCli {
 
     /// Number of ranks on each host.
     #[arg(short = 'n', long = "repeat-hosts", default_value_t = 1, value_name = "N",
-          value_parser = clap::value_parser!(u32).range(1..), help_heading = "Hosts")]
+          value_parser = clap::value_parser!(u32).range(1..=65535), help_heading = "Hosts")]
     pub repeat_hosts: u32,
 
     /// JSON hostfile in mlx.launch format. Overrides --hosts.

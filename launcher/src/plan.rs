@@ -99,7 +99,7 @@ pub fn build(
             if world_size > 1 {
                 shared_files.push(RankFile {
                     env_var: "MLX_HOSTFILE".into(),
-                    contents: serde_json::to_string(&ring_table).expect("a list of strings serializes"),
+                    contents: serde_json::to_string(&ring_table).expect("a list of strings serializes").into(),
                 });
             }
             if options.verbose {
@@ -130,7 +130,7 @@ pub fn build(
             let devices: Vec<Value> = hosts.iter().map(|h| Value::Array(h.rdma.clone())).collect();
             shared_files.push(RankFile {
                 env_var: "MLX_IBV_DEVICES".into(),
-                contents: Value::Array(devices).to_string(),
+                contents: Value::Array(devices).to_string().into(),
             });
             master_port += 1;
         }
@@ -142,9 +142,16 @@ pub fn build(
         command.insert(0, python.clone());
     }
 
+    let local_positions = local_positions(hosts);
+    if master_port > 65535 {
+        return Err(PlanError::PortOverflow {
+            start: options.starting_port,
+            count: (master_port - options.starting_port as u32) as usize,
+        });
+    }
     let mut ranks = Vec::with_capacity(world_size);
     for (rank, host) in hosts.iter().enumerate() {
-        let (local_rank, local_world_size) = local_position(hosts, rank);
+        let (local_rank, local_world_size) = local_positions[rank];
         let mut env = user_env.clone();
         env.extend(shared_env.iter().cloned());
         if options.backend == Backend::Nccl {
@@ -162,7 +169,7 @@ pub fn build(
             ("LOCAL_RANK".to_string(), local_rank.to_string()),
             ("LOCAL_WORLD_SIZE".to_string(), local_world_size.to_string()),
             ("MASTER_ADDR".to_string(), master_addr.clone()),
-            ("MASTER_PORT".to_string(), master_port.min(65535).to_string()),
+            ("MASTER_PORT".to_string(), master_port.to_string()),
         ]);
         ranks.push(RankSpec {
             rank,
@@ -298,12 +305,31 @@ fn is_rdma_entry(entry: &Value) -> bool {
     }
 }
 
-/// Returns the rank's index among the ranks on its host and how many ranks that host runs.
-fn local_position(hosts: &[Host], rank: usize) -> (usize, usize) {
-    let name = &hosts[rank].ssh;
-    let local_rank = hosts[..rank].iter().filter(|h| &h.ssh == name).count();
-    let local_world_size = hosts.iter().filter(|h| &h.ssh == name).count();
-    (local_rank, local_world_size)
+/// Returns, per rank, its index among the ranks on its host and how many
+/// ranks that host runs. All loopback names are one host: this machine.
+fn local_positions(hosts: &[Host]) -> Vec<(usize, usize)> {
+    let machine = |host: &Host| -> String {
+        if crate::hostfile::is_local_name(&host.ssh) {
+            "127.0.0.1".to_string()
+        } else {
+            host.ssh.clone()
+        }
+    };
+    let mut totals: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for host in hosts {
+        *totals.entry(machine(host)).or_default() += 1;
+    }
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    hosts
+        .iter()
+        .map(|host| {
+            let name = machine(host);
+            let index = seen.entry(name.clone()).or_default();
+            let position = (*index, totals[&name]);
+            *index += 1;
+            position
+        })
+        .collect()
 }
 
 /// Parses `KEY=VALUE` and `KEY` entries; `KEY` alone takes the launcher's value.
@@ -365,7 +391,7 @@ pub fn to_json(plan: &LaunchPlan) -> Value {
             let files: serde_json::Map<String, Value> = spec
                 .files
                 .iter()
-                .map(|f| (f.env_var.clone(), Value::String(f.contents.clone())))
+                .map(|f| (f.env_var.clone(), Value::String(f.contents.to_string())))
                 .collect();
             json!({
                 "rank": spec.rank,

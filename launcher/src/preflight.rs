@@ -22,6 +22,10 @@ pub enum PreflightError {
     NotExecutable { path: PathBuf },
     #[error("command {} does not exist", path.display())]
     CommandMissing { path: PathBuf },
+    #[error("command {} is a directory, not a program", path.display())]
+    CommandIsDirectory { path: PathBuf },
+    #[error("command {}: its interpreter {interpreter} (from its #! line) does not exist\nhint: install it or fix the script's first line", path.display())]
+    MissingInterpreter { path: PathBuf, interpreter: String },
     #[error("ring port {port} of rank {rank} ({address}) is already in use\nhint: another job may be running; choose other ports with --starting-port")]
     PortBusy { rank: usize, port: u16, address: String },
     #[error("--output-dir {}: cannot create the directory", path.display())]
@@ -78,7 +82,8 @@ fn check_command(spec: &RankSpec) -> Result<(), PreflightError> {
             }
         }
         return match std::fs::metadata(&path) {
-            Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => Ok(()),
+            Ok(meta) if meta.is_dir() => Err(PreflightError::CommandIsDirectory { path }),
+            Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => check_interpreter(&path),
             Ok(_) => Err(PreflightError::NotExecutable { path }),
             Err(_) => Err(PreflightError::CommandMissing { path }),
         };
@@ -96,7 +101,7 @@ fn check_command(spec: &RankSpec) -> Result<(), PreflightError> {
         let candidate = dir.join(OsStr::new(program));
         if let Ok(meta) = std::fs::metadata(&candidate) {
             if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
-                return Ok(());
+                return check_interpreter(&candidate);
             }
             found_not_executable.get_or_insert(candidate);
         }
@@ -105,6 +110,30 @@ fn check_command(spec: &RankSpec) -> Result<(), PreflightError> {
         Some(path) => Err(PreflightError::NotExecutable { path }),
         None => Err(PreflightError::CommandNotFound { command: program.clone() }),
     }
+}
+
+/// Checks that a script's `#!` interpreter exists, since exec would report
+/// a missing interpreter as if the script itself were missing.
+fn check_interpreter(path: &Path) -> Result<(), PreflightError> {
+    let mut head = [0u8; 256];
+    let Ok(n) = std::fs::File::open(path).and_then(|mut file| std::io::Read::read(&mut file, &mut head)) else {
+        return Ok(());
+    };
+    let Some(line) = head[..n].strip_prefix(b"#!") else {
+        return Ok(());
+    };
+    let line = line.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let Some(interpreter) = line.split_whitespace().next() else {
+        return Ok(());
+    };
+    if Path::new(interpreter).is_absolute() && !Path::new(interpreter).exists() {
+        return Err(PreflightError::MissingInterpreter {
+            path: path.to_path_buf(),
+            interpreter: interpreter.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Tries to bind every ring address of every local rank. Only "address in

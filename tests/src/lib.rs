@@ -45,6 +45,10 @@ where
 {
     let mut command = Command::new(bin("ringleader"));
     command.args(args).env("RINGLEADER_STARTING_PORT", test_port_base().to_string());
+    // Inside a Slurm allocation the launcher would take its hosts from Slurm.
+    for variable in ["SLURM_JOB_NODELIST", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"] {
+        command.env_remove(variable);
+    }
     command
 }
 

@@ -183,3 +183,19 @@ fn dry_run_prints_the_plan_without_running() {
     let text = run(&mut ringleader(["-n", "2", "--dry-run", "--", "echo", "a b"]), b"").stdout_text();
     assert!(text.contains("rank 1 on 127.0.0.1: echo 'a b'"), "{text}");
 }
+
+#[test]
+fn one_rank_bench_runs_without_hostfile() {
+    let bench = ringleader_tests::bin("ringleader-bench");
+    let output = run(&mut ringleader(["--", bench.to_str().unwrap(), "-e", "16K", "-n", "2"]), b"");
+    assert_eq!(output.code(), Some(0), "{}", output.stderr_text());
+    assert!(output.stdout_text().contains("all_sum"), "{}", output.stdout_text());
+}
+
+#[test]
+fn local_names_share_local_ranks() {
+    let output = launch(&["--hosts", "127.0.0.1,localhost"], r#"echo "$MLX_RANK:$LOCAL_RANK/$LOCAL_WORLD_SIZE""#);
+    let mut lines: Vec<String> = output.stdout_text().lines().map(String::from).collect();
+    lines.sort();
+    assert_eq!(lines, ["0:0/2", "1:1/2"]);
+}

@@ -247,7 +247,7 @@ async fn rank_files_are_private_and_removed_after_the_rank() {
     );
     rank.files = vec![RankFile {
         env_var: "MLX_HOSTFILE".to_owned(),
-        contents: contents.clone(),
+        contents: contents.as_str().into(),
     }];
     let spawner = SshSpawner::new(options(&sshd)).unwrap();
 

@@ -101,6 +101,9 @@ fn spawn_local(spec: &RankSpec, grace: Duration) -> Result<Spawned, SpawnError> 
         io::ErrorKind::NotFound => SpawnError::CommandNotFound {
             command: program.clone(),
         },
+        _ if source.raw_os_error() == Some(libc::ENOEXEC) => SpawnError::Other(format!(
+            "cannot execute {program}: it is neither a binary for this machine nor a script starting with #!"
+        )),
         _ => io_error(source),
     })?;
     let pid = child.id().expect("a child that was just spawned has not been reaped");

@@ -62,7 +62,8 @@ pub struct SshTarget {
 #[derive(Clone, Debug)]
 pub struct RankFile {
     pub env_var: String,
-    pub contents: String,
+    /// Shared between ranks: a job's ring table is the same for every rank.
+    pub contents: std::sync::Arc<str>,
 }
 
 /// How a rank ended.
@@ -151,7 +152,7 @@ pub trait Spawner: Send + Sync {
 pub enum SpawnError {
     #[error("command not found: {command}")]
     CommandNotFound { command: String },
-    #[error("failed to start rank {rank} on {host}")]
+    #[error("cannot start the command of rank {rank} on {host}")]
     Io {
         rank: usize,
         host: String,

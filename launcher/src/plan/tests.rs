@@ -41,7 +41,7 @@ fn ring_table_matches_mlx_launch() {
         vec![vec!["127.0.0.1:32323"], vec!["127.0.0.1:32324"], vec!["127.0.0.1:32325"]]
     );
     assert_eq!(
-        plan.ranks[1].files[0].contents,
+        &*plan.ranks[1].files[0].contents,
         r#"[["127.0.0.1:32323"],["127.0.0.1:32324"],["127.0.0.1:32325"]]"#
     );
     assert_eq!(plan.ranks[1].files[0].env_var, "MLX_HOSTFILE");
@@ -223,7 +223,7 @@ fn jaccl_environment_matches_mlx_launch() {
     assert_eq!(env_of(spec, "MLX_JACCL_COORDINATOR").unwrap(), "10.0.0.1:32323");
     assert_eq!(env_of(spec, "MLX_JACCL_RING").unwrap(), "1");
     assert_eq!(spec.files[0].env_var, "MLX_IBV_DEVICES");
-    assert_eq!(spec.files[0].contents, r#"[[null,"rdma_en2"],["rdma_en3",null]]"#);
+    assert_eq!(&*spec.files[0].contents, r#"[[null,"rdma_en2"],["rdma_en3",null]]"#);
 }
 
 #[test]
@@ -241,7 +241,7 @@ fn jaccl_accepts_device_lists_per_peer() {
             {"ssh": "b", "rdma": [["rdma_en2", "rdma_en3"], null]}]"#,
     );
     let plan = build(&hosts, &options(Backend::Jaccl), &no_env).unwrap();
-    assert_eq!(plan.ranks[0].files[0].contents, r#"[[null,["rdma_en2","rdma_en3"]],[["rdma_en2","rdma_en3"],null]]"#);
+    assert_eq!(&*plan.ranks[0].files[0].contents, r#"[[null,["rdma_en2","rdma_en3"]],[["rdma_en2","rdma_en3"],null]]"#);
 }
 
 #[test]

@@ -147,14 +147,16 @@ fn parse_seconds(value: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|err| err.to_string())
 }
 
-/// Reads `MLX_RANK` and `MLX_HOSTFILE`. Returns `None` when neither is set
-/// (a one-rank group, as in MLX) and a one-rank table when the hostfile is
-/// empty, which is what mlx.launch writes for a single host.
+/// Reads `MLX_RANK` and `MLX_HOSTFILE`. Returns `None` when neither is set,
+/// or when `MLX_RANK` is 0 without a hostfile (ringleader's one-rank jobs):
+/// a one-rank group, as in MLX. Returns a one-rank table when the hostfile
+/// is empty, which is what mlx.launch writes for a single host.
 pub fn rank_and_table_from_env() -> Result<Option<(usize, Option<AddressTable>)>, RingError> {
     let rank = std::env::var(RANK_VAR).ok();
-    let hostfile = std::env::var(HOSTFILE_VAR).ok();
+    let hostfile = std::env::var(HOSTFILE_VAR).ok().filter(|path| !path.is_empty());
     let (rank_text, path) = match (rank, hostfile) {
         (None, None) => return Ok(None),
+        (Some(rank), None) if rank.trim() == "0" => return Ok(None),
         (Some(rank), Some(path)) => (rank, path),
         (rank, path) => {
             let (var, value) = if rank.is_none() {

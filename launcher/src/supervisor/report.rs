@@ -108,7 +108,7 @@ pub fn summary(report: &Report) -> String {
         }
         text += &match &rank.state {
             RankState::Starting => ": never started".to_string(),
-            RankState::SpawnFailed(error) => format!(": failed to start: {error}"),
+            RankState::SpawnFailed(error) => format!(": not started: {error}"),
             RankState::Running | RankState::Unconfirmed => {
                 ": NOT confirmed dead after SIGKILL; check the host for leftover processes".to_string()
             }

@@ -387,7 +387,7 @@ mod tests {
             env: vec![("GREETING".to_owned(), "it's $(here)".to_owned())],
             files: vec![RankFile {
                 env_var: "MLX_HOSTFILE".to_owned(),
-                contents: "[]".to_owned(),
+                contents: "[]".into(),
             }],
             cwd: Some("/".into()),
             default_cwd: None,
