@@ -76,7 +76,7 @@ struct Supervisor {
     /// When to give up waiting for killed ranks, once SIGKILL went out.
     give_up_at: Option<Instant>,
     options: SupervisorOptions,
-    /// The rank the planted bug of [`supervise_with_planted_bug`] never signals.
+    /// The rank [`SimulatorHooks::forget_rank`] names, which the planted bug never signals.
     forgotten: Option<usize>,
 }
 
@@ -88,20 +88,33 @@ pub async fn supervise(
     options: SupervisorOptions,
     io: LauncherIo,
 ) -> Report {
-    supervise_with_planted_bug(ranks, spawner, options, io, None).await
+    supervise_with_hooks(ranks, spawner, options, io, SimulatorHooks::default()).await
 }
 
-/// [`supervise`] with a deliberate defect, for the simulator's test that its
-/// seed sweep finds and shrinks a real teardown bug: the supervisor never
-/// signals rank `forget_rank`. Not reachable from the `ringleader` command line.
+/// What the simulator changes in [`supervise`]; the `ringleader` command
+/// line never sets these, and the defaults change nothing.
 #[doc(hidden)]
-pub async fn supervise_with_planted_bug(
+#[derive(Default)]
+pub struct SimulatorHooks {
+    /// A deliberate defect, for the simulator's test that its seed sweep
+    /// finds and shrinks a real teardown bug: the supervisor never signals
+    /// this rank.
+    pub forget_rank: Option<usize>,
+    /// Where the summary goes when `io.stderr` is still held by a rank that
+    /// was not confirmed dead; the process's stderr when `None`.
+    pub summary_fallback: Option<ByteWriter>,
+}
+
+/// [`supervise`] with the simulator's hooks.
+#[doc(hidden)]
+pub async fn supervise_with_hooks(
     ranks: &[RankSpec],
     spawner: Arc<dyn Spawner>,
     options: SupervisorOptions,
     io: LauncherIo,
-    forget_rank: Option<usize>,
+    hooks: SimulatorHooks,
 ) -> Report {
+    let SimulatorHooks { forget_rank, mut summary_fallback } = hooks;
     let LauncherIo { stdout, stderr, stdin, mut signals, merge_streams } = io;
     // Source 2r is rank r's stdout and 2r + 1 its stderr, in either writer.
     let sources = 2 * ranks.len();
@@ -179,7 +192,7 @@ pub async fn supervise_with_planted_bug(
     } else {
         stderr = None;
     }
-    if let (Some(sink), false) = (stderr.as_mut(), text.is_empty()) {
+    if let (Some(sink), false) = (stderr.as_mut().or(summary_fallback.as_mut()), text.is_empty()) {
         let _ = sink.write_all(text.as_bytes()).await;
         let _ = sink.flush().await;
     } else if !text.is_empty() {

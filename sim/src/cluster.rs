@@ -14,7 +14,7 @@ use ringleader::exec::{ByteReader, SshTarget};
 use ringleader::exit::LauncherSignal;
 use ringleader::hostfile::{Host, Hostfile};
 use ringleader::plan::{self, LaunchPlan, PlanOptions};
-use ringleader::supervisor::{supervise_with_planted_bug, LauncherIo, Report, SupervisorOptions};
+use ringleader::supervisor::{supervise_with_hooks, LauncherIo, Report, SimulatorHooks, SupervisorOptions};
 use tokio::io::AsyncWrite;
 use tokio::sync::mpsc;
 use turmoil::Sim;
@@ -229,8 +229,15 @@ fn start_launcher(
             stderr: Box::new(Sink { log: log.clone(), stream: STDERR }),
             stdin,
             signals,
+            merge_streams: false,
         };
-        let report = supervise_with_planted_bug(&ranks, Arc::new(spawner.clone()), options, io, forget).await;
+        // The summary of a job with ranks not confirmed dead goes to the
+        // process's stderr, which is the launcher's stderr here too.
+        let hooks = SimulatorHooks {
+            forget_rank: forget,
+            summary_fallback: Some(Box::new(Sink { log: log.clone(), stream: STDERR })),
+        };
+        let report = supervise_with_hooks(&ranks, Arc::new(spawner.clone()), options, io, hooks).await;
         log.record(Event::LauncherReturned { exit_code: report.exit_code });
         *returned.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
         // The launcher process exits: its sessions close.

@@ -137,6 +137,21 @@ pub fn all() -> Vec<Scenario> {
             ..base.clone()
         },
         Scenario {
+            name: "flood-faults",
+            about: "4 ranks flood their output while up to 2 random faults hit hosts, links, ranks or the launcher",
+            argv: argv(&["flood", "3000"]),
+            mix: FaultMix { max_faults: 2, horizon_ms: 300, ..any_fault },
+            ..base.clone()
+        },
+        Scenario {
+            name: "ignore-term-faults",
+            about: "3 ranks ignore SIGTERM while 1 or 2 random faults end the job; teardown needs SIGKILL",
+            hosts: 3,
+            argv: argv(&["ignore-term"]),
+            mix: FaultMix { min_faults: 1, max_faults: 2, links: false, ..any_fault },
+            ..base.clone()
+        },
+        Scenario {
             name: "hang-faults",
             about: "4 ranks hang until 1 or 2 random faults (host, rank or launcher signal) end the job",
             argv: argv(&["hang"]),
