@@ -77,7 +77,7 @@ impl SimSpawner {
             rank: spec.rank,
             argv: spec.argv.clone(),
             env: spec.env.clone(),
-            files: spec.files.iter().map(|f| (f.env_var.clone(), f.contents.clone())).collect(),
+            files: spec.files.iter().map(|f| (f.env_var.clone(), f.contents.to_string())).collect(),
             stdin: spec.stdin,
         };
         let json = serde_json::to_vec(&request).expect("a start request serializes");
