@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::cluster::{RunResult, RunSpec};
 use crate::log::{Event, Inner, Record, STDERR, STDOUT};
 
-/// Which invariant a run broke.
+/// An invariant that every run must keep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Invariant {
@@ -278,4 +278,74 @@ fn output_forwarded(report: &Report, log: &Inner) -> Vec<Violation> {
         }
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use ringleader::exit::Outcome;
+    use ringleader::supervisor::RankReport;
+
+    use super::*;
+
+    fn report(finished: bool) -> Report {
+        let rank = RankReport {
+            rank: 0,
+            host: "host0".into(),
+            pid: Some(100),
+            state: RankState::Ended(Termination::Exited(0)),
+            stopped_by: None,
+            killed: false,
+            finished,
+        };
+        Report { ranks: vec![rank], outcome: Outcome::default(), exit_code: 0 }
+    }
+
+    fn log_with(reached: &[u8], forwarded: &[u8]) -> Inner {
+        let mut log = Inner::default();
+        log.produced.insert((0, STDOUT), reached.to_vec());
+        log.reached.insert((0, STDOUT), reached.to_vec());
+        log.launcher_stdout = forwarded.to_vec();
+        log
+    }
+
+    #[test]
+    fn forwarded_lines_are_split_by_label() {
+        let lines = forwarded_lines(b"[0 host0] a\n[1 host1] b\nringleader: summary\n[0 host0] c\n");
+
+        assert_eq!(lines[&0], vec![b"a\n".to_vec(), b"c\n".to_vec()]);
+        assert_eq!(lines[&1], vec![b"b\n".to_vec()]);
+        assert_eq!(lines.len(), 2);
+    }
+
+    #[test]
+    fn output_check_accepts_every_line_in_order() {
+        let log = log_with(b"a\nb\npart", b"[0 host0] a\n[0 host0] b\n[0 host0] part\n");
+
+        assert_eq!(output_forwarded(&report(true), &log), Vec::new());
+    }
+
+    #[test]
+    fn output_check_rejects_lost_line() {
+        let log = log_with(b"a\nb\nc\n", b"[0 host0] a\n[0 host0] c\n");
+
+        let found = output_forwarded(&report(true), &log);
+
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].invariant, Invariant::OutputForwarded);
+    }
+
+    #[test]
+    fn output_check_rejects_split_line() {
+        let log = log_with(b"abc\n", b"[0 host0] ab\n[0 host0] c\n");
+
+        assert_eq!(output_forwarded(&report(true), &log).len(), 1);
+    }
+
+    #[test]
+    fn output_check_allows_missing_tail_of_unfinished_rank() {
+        let log = log_with(b"a\nb\n", b"[0 host0] a\n");
+
+        assert_eq!(output_forwarded(&report(false), &log), Vec::new());
+        assert_eq!(output_forwarded(&report(true), &log).len(), 1);
+    }
 }

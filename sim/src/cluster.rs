@@ -59,16 +59,16 @@ impl Default for Timing {
 }
 
 impl Timing {
-    /// How long teardown may take once it starts: the grace period, plus the
-    /// time a lost session needs to be noticed (one more keepalive interval
-    /// than the silence limit, for the check period), plus a margin for
-    /// network latency and scheduling.
+    /// Returns how long teardown may take once it starts. That is the grace
+    /// period plus the time a lost session needs to be noticed, which is one
+    /// keepalive interval more than the silence limit because the check runs
+    /// periodically, plus a margin for network latency and scheduling.
     pub fn teardown_bound(&self) -> Duration {
         self.grace + self.keepalive_interval * (self.keepalive_count_max + 1) + Duration::from_millis(500)
     }
 }
 
-/// What to run.
+/// A run to perform: scenario, seed, faults and timing.
 #[derive(Clone, Debug)]
 pub struct RunSpec {
     pub scenario: Scenario,
@@ -80,7 +80,7 @@ pub struct RunSpec {
 }
 
 impl RunSpec {
-    /// The scenario with its seed's own faults.
+    /// Builds the run of `scenario` with the faults its `seed` draws.
     pub fn from_seed(scenario: Scenario, seed: u64) -> RunSpec {
         let faults = scenario.faults_for_seed(seed);
         RunSpec { scenario, seed, faults, planted_bug: false, timing: Timing::default() }
@@ -169,7 +169,7 @@ fn start_hosts(sim: &mut Sim<'_>, spec: &RunSpec, log: &EventLog) -> Vec<FaultIn
     inboxes
 }
 
-/// The real planner's plan for one rank per simulated host.
+/// Builds the real planner's plan for one rank per simulated host.
 fn build_plan(sim: &Sim<'_>, scenario: &Scenario) -> LaunchPlan {
     let hosts = (0..scenario.hosts)
         .map(|index| Host {
@@ -285,7 +285,7 @@ enum LinkState {
     Held,
 }
 
-/// The key of the link between two nodes, the same both ways round.
+/// Returns the key of the link between two nodes, the same both ways round.
 fn link(a: Node, b: Node) -> (String, String) {
     let (a, b) = (a.name(), b.name());
     if a <= b {

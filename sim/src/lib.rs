@@ -20,10 +20,12 @@
 //! # Determinism
 //!
 //! Everything in a run depends on the seed alone, except one thing outside
-//! this crate: tokio picks the branch order of `select!` with a random
-//! generator that only `--cfg tokio_unstable` builds let turmoil seed. Build
-//! with `RUSTFLAGS="--cfg tokio_unstable"` (as `benches/sim.sh` does) for
-//! bit-identical replays; [`DETERMINISTIC`] says how this build was made.
+//! this crate: when several `select!` branches are ready at once, tokio
+//! picks one with a random generator that turmoil can seed only in
+//! `--cfg tokio_unstable` builds. Runs have matched in both kinds of build so
+//! far (`tests/determinism.rs` checks it), but only a build with
+//! `RUSTFLAGS="--cfg tokio_unstable"`, as `benches/sim.sh` makes, guarantees
+//! it. [`DETERMINISTIC`] records which kind this build is.
 //!
 //! # Limitations
 //!

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 
-/// Which of a rank's output streams.
+/// Stream numbers of a rank's stdout and stderr.
 pub const STDOUT: u8 = 1;
 pub const STDERR: u8 = 2;
 
@@ -71,7 +71,7 @@ pub struct Inner {
     pub produced: BTreeMap<(usize, u8), Vec<u8>>,
     /// Bytes of each `(rank, stream)` that reached the launcher's spawner.
     pub reached: BTreeMap<(usize, u8), Vec<u8>>,
-    /// What the launcher wrote to its own stdout and stderr.
+    /// The bytes the launcher wrote to its own stdout and stderr.
     pub launcher_stdout: Vec<u8>,
     pub launcher_stderr: Vec<u8>,
     /// Processes whose task still exists, by `(host, pid)`, with their rank.
@@ -154,12 +154,12 @@ impl EventLog {
         }
     }
 
-    /// Number of processes whose task still exists.
+    /// Returns the number of processes whose task still exists.
     pub fn alive_count(&self) -> usize {
         self.lock().alive.len()
     }
 
-    /// A copy of everything recorded so far.
+    /// Returns a copy of everything recorded so far.
     pub fn snapshot(&self) -> Inner {
         self.lock().clone()
     }

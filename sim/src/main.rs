@@ -151,7 +151,7 @@ fn list() {
 fn warn_if_not_deterministic() {
     if !DETERMINISTIC {
         eprintln!(
-            "ringleader-sim: warning: built without --cfg tokio_unstable, so tokio's select! order is not seeded and a replay may differ\nhint: build with RUSTFLAGS=\"--cfg tokio_unstable\""
+            "ringleader-sim: warning: built without --cfg tokio_unstable, so tokio's select! order is not seeded and a replay can differ when two branches are ready at once\nhint: build with RUSTFLAGS=\"--cfg tokio_unstable\" for guaranteed replays"
         );
     }
 }

@@ -26,7 +26,7 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    /// The faults of a run with `seed`: the fixed ones plus the seed's own.
+    /// Returns the faults of a run with `seed`: the fixed ones plus the seed's own.
     pub fn faults_for_seed(&self, seed: u64) -> Vec<TimedFault> {
         let mut faults = self.fixed.clone();
         faults.extend(random_faults(seed, self.hosts, self.mix));
@@ -43,7 +43,7 @@ fn at(at_ms: u64, fault: Fault) -> Vec<TimedFault> {
     vec![TimedFault { at_ms, fault }]
 }
 
-/// Every scenario `run`, `sweep` and `list` know.
+/// Returns every scenario that `run`, `sweep` and `list` accept.
 pub fn all() -> Vec<Scenario> {
     let any_fault = FaultMix {
         min_faults: 0,
@@ -161,7 +161,7 @@ pub fn all() -> Vec<Scenario> {
     ]
 }
 
-/// The scenario called `name`.
+/// Finds the scenario called `name`.
 pub fn find(name: &str) -> Option<Scenario> {
     all().into_iter().find(|s| s.name == name)
 }

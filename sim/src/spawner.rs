@@ -1,11 +1,11 @@
 //! [`SimSpawner`]: the launcher's process transport against the simulated
 //! sshd agents, over simulated TCP.
 //!
-//! It mirrors the ssh transport's session rules: one connection per rank, a
-//! heartbeat every half keepalive interval, and a session that counts as
-//! lost (the rank's `wait` fails, which the supervisor reports with exit
-//! code 255) once nothing arrived from the agent for `keepalive_count_max`
-//! intervals or the connection broke before the exit status came.
+//! It keeps the ssh transport's session rules: one connection per rank and
+//! a heartbeat every half keepalive interval. A session counts as lost once
+//! nothing arrived from the agent for `keepalive_count_max` intervals, or
+//! the connection broke before the exit status came. The rank's `wait` then
+//! fails, which the supervisor reports with exit code 255.
 
 use std::io;
 use std::net::SocketAddr;
@@ -36,7 +36,7 @@ pub struct SessionOptions {
 }
 
 impl SessionOptions {
-    /// How long a session may stay silent before it counts as lost.
+    /// Returns how long a session may stay silent before it counts as lost.
     pub fn silence_limit(&self) -> Duration {
         self.keepalive_interval * self.keepalive_count_max.max(1)
     }

@@ -10,7 +10,7 @@ use crate::cluster::{self, RunResult, RunSpec};
 use crate::fault::{Schedule, TimedFault};
 use crate::scenario::Scenario;
 
-/// What a sweep keeps of one run.
+/// The summary of one run that a sweep keeps.
 #[derive(Clone, Debug)]
 pub struct SeedOutcome {
     pub seed: u64,
