@@ -5,9 +5,15 @@
 //! reports `AddrInUse`, `AddrNotAvailable` (it binds only `0.0.0.0` and
 //! localhost, which is why ranks set `RingOptions::bind_ip`),
 //! `ConnectionRefused`, `ConnectionReset` and `BrokenPipe`. A turmoil
-//! connect to a partitioned host waits forever, where a real one gives up
-//! after the kernel's SYN retries, so `connect` adds that limit and returns
+//! connect to a crashed host waits forever, where a real one gives up after
+//! the kernel's SYN retries, so `connect` adds that limit and returns
 //! [`io::ErrorKind::TimedOut`].
+//!
+//! NOTE: one kind still differs. turmoil drops a SYN at a partition together
+//! with its reply channel, so a connect across a partition fails at once
+//! with `ConnectionRefused`, where real TCP would time out. Callers that
+//! retry refused connections (the ring backend does, until its connect
+//! timeout) behave the same; only the error text and timing differ.
 
 use std::io;
 use std::net::SocketAddr;
