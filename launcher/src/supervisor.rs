@@ -52,7 +52,7 @@ pub struct LauncherIo {
     pub merge_streams: bool,
 }
 
-/// What rank tasks tell the loop.
+/// Messages from rank tasks to the loop.
 #[derive(Debug)]
 enum Event {
     Started { rank: usize, pid: Option<u32> },
@@ -69,7 +69,7 @@ struct Supervisor {
     /// Per rank, the sender that forwards signals to its task.
     controls: Vec<mpsc::UnboundedSender<RankSignal>>,
     outcome: Outcome,
-    /// Why the job is being torn down, once it is.
+    /// The reason for teardown, once it started.
     stopping: Option<StopCause>,
     /// When the grace period ends and SIGKILL goes out.
     kill_at: Option<Instant>,

@@ -155,3 +155,30 @@ fn shared_stdout_and_stderr_keep_lines_whole() {
     }
     assert_eq!(counts, [200000, 200000]);
 }
+
+/// Regression guard: mlx.launch switches its stdin to non-blocking mode,
+/// which changes the file description it shares with the shell.
+#[test]
+fn launcher_leaves_stdio_flags_as_it_found_them() {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::os::fd::AsRawFd;
+
+    let (stdin_read, stdin_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+    let (stdout_read, stdout_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+    let flags = |fd: &std::os::fd::OwnedFd| OFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).unwrap());
+    let before = (flags(&stdin_read), flags(&stdout_write));
+
+    let mut command = ringleader(["-n", "2", "--", "cat"]);
+    command
+        .stdin(std::process::Stdio::from(stdin_read.try_clone().unwrap()))
+        .stdout(std::process::Stdio::from(stdout_write.try_clone().unwrap()))
+        .stderr(std::process::Stdio::null());
+    let mut child = command.spawn().unwrap();
+    drop(stdin_write);
+    let status = ringleader_tests::wait_with_limit(&mut child, ringleader_tests::HANG_LIMIT);
+    drop(stdout_read);
+
+    assert!(status.success());
+    assert_eq!((flags(&stdin_read), flags(&stdout_write)), before);
+    assert!(!flags(&stdin_read).contains(OFlag::O_NONBLOCK));
+}
