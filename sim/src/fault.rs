@@ -123,6 +123,9 @@ impl SplitMix64 {
     }
 }
 
+/// Simulated time after which every rank of a fault-free start runs.
+const RANK_STARTUP_MS: u64 = 50;
+
 /// Draws a random schedule for a cluster of `hosts` hosts (one rank each).
 pub fn random_faults(seed: u64, hosts: usize, mix: FaultMix) -> Vec<TimedFault> {
     // Distinct from the seed turmoil gets, so the two streams are unrelated.
@@ -172,9 +175,12 @@ pub fn random_faults(seed: u64, hosts: usize, mix: FaultMix) -> Vec<TimedFault> 
                 let ms = 1 + rng.below(200);
                 faults.push(TimedFault { at_ms, fault: Fault::Latency { a: Node::Host(host), b: peer, ms } });
             }
-            5 => faults.push(TimedFault { at_ms, fault: Fault::KillRank { rank: host } }),
+            // A rank fault before the rank runs would do nothing, so rank
+            // faults come after the ranks have had time to start.
+            5 => faults.push(TimedFault { at_ms: at_ms + RANK_STARTUP_MS, fault: Fault::KillRank { rank: host } }),
             6 => {
                 let code = 1 + rng.below(120) as i32;
+                let at_ms = at_ms + RANK_STARTUP_MS;
                 faults.push(TimedFault { at_ms, fault: Fault::ExitRank { rank: host, code } });
             }
             _ => {
