@@ -9,6 +9,7 @@ use ringleader::supervisor::{RankState, Report};
 use serde::Serialize;
 
 use crate::cluster::{RunResult, RunSpec};
+use crate::fault::Fault;
 use crate::log::{Event, Inner, Record, STDERR, STDOUT};
 
 /// An invariant that every run must keep.
@@ -97,9 +98,18 @@ fn exit_code(report: &Report, records: &[Record]) -> Vec<Violation> {
         Event::LauncherSignalled { signal } => Some((r.at_ms, signal.clone())),
         _ => None,
     });
+    // The first moment at which something other than the signal could have
+    // started the teardown.
     let first_end = records
         .iter()
-        .find(|r| matches!(r.event, Event::ProcessEnded { .. } | Event::SessionLost { .. } | Event::FaultApplied { .. } if !is_signal_fault(&r.event)))
+        .find(|r| match &r.event {
+            Event::ProcessEnded { .. } | Event::SessionLost { .. } => true,
+            Event::FaultApplied { fault } => !matches!(
+                fault,
+                Fault::InterruptLauncher | Fault::TerminateLauncher | Fault::Latency { .. }
+            ),
+            _ => false,
+        })
         .map(|r| r.at_ms);
     match (outcome.interrupted, &first_signal) {
         (Some(signal), None) => fail(format!("the outcome says {} but the launcher got no signal", signal.name())),
@@ -141,10 +151,6 @@ fn exit_code(report: &Report, records: &[Record]) -> Vec<Violation> {
         fail("the launcher exited 0 but not every rank was seen exiting 0".to_string());
     }
     found
-}
-
-fn is_signal_fault(event: &Event) -> bool {
-    matches!(event, Event::FaultApplied { fault } if fault.contains("launcher") || fault.contains("latency"))
 }
 
 /// When each process's task went away, by `(host, pid)`.

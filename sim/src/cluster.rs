@@ -335,7 +335,7 @@ impl Driver<'_> {
     fn apply_due_faults(&mut self, spec: &RunSpec, now_ms: u64) {
         while let Some(timed) = spec.faults.get(self.next_fault).filter(|f| f.at_ms <= now_ms) {
             self.next_fault += 1;
-            self.log.record(Event::FaultApplied { fault: timed.fault.to_string() });
+            self.log.record(Event::FaultApplied { fault: timed.fault.clone() });
             self.apply(&timed.fault, spec.scenario.hosts);
         }
     }

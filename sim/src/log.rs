@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 
+use crate::fault::Fault;
+
 /// Stream numbers of a rank's stdout and stderr.
 pub const STDOUT: u8 = 1;
 pub const STDERR: u8 = 2;
@@ -20,7 +22,7 @@ pub const STDERR: u8 = 2;
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// The driver loop applied a scheduled fault.
-    FaultApplied { fault: String },
+    FaultApplied { fault: Fault },
     /// A simulated process started on a host; `group` is its process group.
     ProcessStarted { host: String, pid: u32, group: u32, rank: usize },
     /// The agent observed a process end (`exit code N` or `killed by SIGx`).
