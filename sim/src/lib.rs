@@ -30,9 +30,9 @@
 //! # Limitations
 //!
 //! - One rank per simulated host.
-//! - A crashed host's sockets close like those of killed processes (peers
-//!   see FIN or RST), because turmoil drops the host's tasks with their
-//!   sockets; a silent crash is a crash plus a partition.
+//! - A host crash is silent, like a power loss: peers get no FIN or RST
+//!   and notice it by a timeout or by the RST their next segment gets. A
+//!   rank killed on a running host closes its sockets as a process would.
 //! - turmoil's TCP does not retransmit: a partition drops the segments in
 //!   flight, so a stream that carried data across it stalls for good, even
 //!   after the repair, where real TCP would resume. Rank programs that must
