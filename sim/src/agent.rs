@@ -30,8 +30,8 @@ pub enum HostFault {
     ExitRank(usize, i32),
 }
 
-/// Where the running agent of a host takes [`HostFault`]s; replaced when
-/// the host restarts, empty while it is down.
+/// The inbox through which the running agent of a host takes [`HostFault`]s.
+/// A restart replaces its sender, and it is empty while the host is down.
 pub type FaultInbox = Arc<Mutex<Option<mpsc::UnboundedSender<HostFault>>>>;
 
 /// Settings shared by every agent of a cluster.
@@ -49,7 +49,7 @@ pub struct AgentConfig {
     pub faults: FaultInbox,
 }
 
-/// The host's software: listens for sessions until the host crashes.
+/// Runs the host's software: listens for sessions until the host crashes.
 pub async fn serve(config: AgentConfig) -> turmoil::Result {
     let table = ProcessTable::new(&config.host, &config.log, &config.programs);
     let (fault_tx, mut faults) = mpsc::unbounded_channel();
@@ -81,7 +81,7 @@ fn apply_fault(table: &ProcessTable, fault: HostFault) {
     }
 }
 
-/// One rank session, from the start request to the rank's exit status.
+/// Serves one rank session, from the start request to the rank's exit status.
 async fn session(stream: TcpStream, table: ProcessTable, config: AgentConfig) {
     let (mut reader, writer) = stream.into_split();
     let request = match read_frame(&mut reader).await {
@@ -159,7 +159,7 @@ async fn session(stream: TcpStream, table: ProcessTable, config: AgentConfig) {
     let _ = out_tx.send(frame).await;
 }
 
-/// The rank's environment, with each rank file at a path of its own.
+/// Builds the rank's environment, with each rank file at a path of its own.
 fn rank_environment(host: &str, request: &StartRequest) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
     let mut env: BTreeMap<String, String> = request.env.iter().cloned().collect();
     let mut files = BTreeMap::new();

@@ -14,7 +14,7 @@ pub enum Node {
 }
 
 impl Node {
-    /// The turmoil host name.
+    /// Returns the turmoil host name.
     pub fn name(self) -> String {
         match self {
             Node::Launcher => "launcher".to_string(),
@@ -23,7 +23,7 @@ impl Node {
     }
 }
 
-/// The turmoil host name of host `index`.
+/// Returns the turmoil host name of host `index`.
 pub fn host_name(index: usize) -> String {
     format!("host{index}")
 }
@@ -80,7 +80,7 @@ pub struct Schedule {
     pub faults: Vec<TimedFault>,
 }
 
-/// Which faults a scenario's random schedules may contain.
+/// The kinds and number of faults a scenario's random schedules may contain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FaultMix {
     /// At least this many faults per run.
@@ -117,7 +117,7 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
-    /// A number in `0..bound` (`bound` > 0).
+    /// Returns a number in `0..bound` (`bound` > 0).
     pub fn below(&mut self, bound: u64) -> u64 {
         self.next_u64() % bound
     }
@@ -193,7 +193,7 @@ pub fn random_faults(seed: u64, hosts: usize, mix: FaultMix) -> Vec<TimedFault> 
     faults
 }
 
-/// The launcher or another host, never `host` itself.
+/// Picks the launcher or another host, never `host` itself.
 fn random_peer(rng: &mut SplitMix64, hosts: usize, host: usize) -> Node {
     let pick = rng.below(hosts as u64) as usize;
     if pick == host {

@@ -73,7 +73,7 @@ enum Command {
         /// Simulations run at once, one thread each [default: the number of CPUs].
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
-        /// Where the shrunk schedule of the first failing seed is written.
+        /// File the shrunk schedule of the first failing seed is written to.
         #[arg(long, value_name = "FILE", default_value = "ringleader-sim-failure.json")]
         out: PathBuf,
         /// Do not shrink the first failing seed.

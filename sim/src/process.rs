@@ -20,7 +20,7 @@ use tokio::task::AbortHandle;
 
 use crate::log::{Event, EventLog};
 
-/// Chunks an output pipe holds before a writer waits, like a full pipe buffer.
+/// Chunks an output pipe buffers before a writer waits, like a full pipe buffer.
 const PIPE_CHUNKS: usize = 16;
 
 /// The signals a simulated process can get.
@@ -129,13 +129,13 @@ impl InputPipe {
         InputPipe { rx }
     }
 
-    /// The next chunk, or `None` at end of file.
+    /// Returns the next chunk, or `None` at end of file.
     pub async fn read(&mut self) -> Option<Vec<u8>> {
         self.rx.recv().await
     }
 }
 
-/// What a program sees of its process.
+/// The view a program has of its process.
 pub struct RankContext {
     pub rank: usize,
     pub host: String,
@@ -183,7 +183,7 @@ impl RankContext {
     }
 }
 
-/// What [`ProcessTable::spawn`] starts.
+/// The process [`ProcessTable::spawn`] starts.
 pub struct ProcessSpec {
     pub rank: usize,
     pub argv: Vec<String>,
@@ -200,7 +200,7 @@ struct Process {
     group: u32,
     rank: usize,
     abort: Option<AbortHandle>,
-    /// Where caught SIGTERM and SIGINT go, once the program asked for them.
+    /// The receiver of caught SIGTERM and SIGINT, once the program requested them.
     catcher: Option<mpsc::UnboundedSender<SimSignal>>,
     /// Told how the process ended.
     ended: Option<oneshot::Sender<Termination>>,
@@ -237,7 +237,7 @@ impl ProcessTable {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Starts a process; returns its pid and a receiver told how it ended.
+    /// Starts a process and returns its pid and a receiver of how it ended.
     pub fn spawn(&self, spec: ProcessSpec) -> Result<(u32, oneshot::Receiver<Termination>), String> {
         let name = spec.argv.first().cloned().unwrap_or_default();
         let program = self.programs.get(&name).ok_or_else(|| format!("command not found: {name}"))?;
@@ -336,7 +336,7 @@ impl ProcessTable {
         }
     }
 
-    /// Whether any process of `group` is still running.
+    /// Returns whether any process of `group` is still running.
     pub fn group_alive(&self, group: u32) -> bool {
         self.lock().processes.values().any(|p| p.group == group)
     }
@@ -346,7 +346,7 @@ impl ProcessTable {
         self.end(pid, Termination::Exited(code));
     }
 
-    /// The group leader of `rank`'s first process, if one runs.
+    /// Returns the pid of `rank`'s group leader, if one runs.
     pub fn leader_of_rank(&self, rank: usize) -> Option<u32> {
         self.lock().processes.iter().find(|(pid, p)| p.rank == rank && p.group == **pid).map(|(pid, _)| *pid)
     }

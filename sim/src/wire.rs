@@ -13,7 +13,7 @@ pub const AGENT_PORT: u16 = 22;
 /// Largest payload a frame may carry; bigger frames mean a corrupt stream.
 const MAX_PAYLOAD: usize = 1 << 20;
 
-/// What the launcher asks the agent to start.
+/// The launcher's request to start a rank.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StartRequest {
     pub rank: usize,
