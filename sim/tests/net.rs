@@ -87,7 +87,7 @@ fn sim_net_connect_without_listener_is_refused() {
         Ok(())
     });
     sim.client("client", async {
-        let error = SimNet::default().connect(server_addr()).await.err().expect("nothing listens");
+        let error = SimNet::default().connect(server_addr()).await.expect_err("nothing listens");
 
         assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
         Ok(())
@@ -108,7 +108,7 @@ fn sim_net_connect_to_crashed_host_times_out() {
     sim.client("client", async {
         let net = SimNet { syn_timeout: Duration::from_secs(2) };
 
-        let error = net.connect(server_addr()).await.err().expect("the SYN is never answered");
+        let error = net.connect(server_addr()).await.expect_err("the SYN is never answered");
 
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
         Ok(())
@@ -130,7 +130,7 @@ fn sim_net_connect_across_partition_is_refused() {
     sim.client("client", async {
         turmoil::partition("client", "server");
 
-        let error = SimNet::default().connect(server_addr()).await.err().expect("the SYN is dropped");
+        let error = SimNet::default().connect(server_addr()).await.expect_err("the SYN is dropped");
 
         assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
         Ok(())
