@@ -105,7 +105,16 @@ async fn session(stream: TcpStream, table: ProcessTable, config: AgentConfig) {
         false => (None, None),
     };
     let (env, files) = rank_environment(&config.host, &request);
-    let spec = ProcessSpec { rank, argv: request.argv, env, files, group: None, stdout, stderr, stdin };
+    let spec = ProcessSpec {
+        rank,
+        argv: request.argv,
+        env,
+        files,
+        group: None,
+        stdout,
+        stderr,
+        stdin,
+    };
     let (leader, mut ended) = match table.spawn(spec) {
         Ok(started) => started,
         Err(reason) => {
@@ -160,11 +169,18 @@ async fn session(stream: TcpStream, table: ProcessTable, config: AgentConfig) {
 }
 
 /// Builds the rank's environment, with each rank file at a path of its own.
-fn rank_environment(host: &str, request: &StartRequest) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+fn rank_environment(
+    host: &str,
+    request: &StartRequest,
+) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
     let mut env: BTreeMap<String, String> = request.env.iter().cloned().collect();
     let mut files = BTreeMap::new();
     for (variable, contents) in &request.files {
-        let path = format!("/sim/{host}/rank-{}/{}", request.rank, variable.to_ascii_lowercase());
+        let path = format!(
+            "/sim/{host}/rank-{}/{}",
+            request.rank,
+            variable.to_ascii_lowercase()
+        );
         env.insert(variable.clone(), path.clone());
         files.insert(path, contents.clone());
     }
@@ -209,7 +225,10 @@ impl RankSession<'_> {
     fn check_heartbeat(&mut self) {
         let silence = self.config.keepalive_interval * self.config.keepalive_count_max.max(1);
         if !self.launcher_gone && self.last_heartbeat.elapsed() > silence {
-            self.stop(&format!("no heartbeat from the launcher for {} ms", silence.as_millis()));
+            self.stop(&format!(
+                "no heartbeat from the launcher for {} ms",
+                silence.as_millis()
+            ));
         }
     }
 
@@ -222,7 +241,8 @@ impl RankSession<'_> {
             rank: self.rank,
             reason: reason.to_string(),
         });
-        self.table.signal_group(self.leader, SimSignal::Terminate, "agent");
+        self.table
+            .signal_group(self.leader, SimSignal::Terminate, "agent");
         self.kill_at = Some(Instant::now() + self.config.grace);
     }
 }
@@ -243,7 +263,10 @@ async fn forward_output(stream: u8, mut pipe: mpsc::Receiver<Vec<u8>>, out: mpsc
     let _ = out.send(Frame::OutputEof(stream)).await;
 }
 
-async fn write_frames(mut writer: turmoil::net::tcp::OwnedWriteHalf, mut frames: mpsc::Receiver<Frame>) {
+async fn write_frames(
+    mut writer: turmoil::net::tcp::OwnedWriteHalf,
+    mut frames: mpsc::Receiver<Frame>,
+) {
     while let Some(frame) = frames.recv().await {
         if write_frame(&mut writer, &frame).await.is_err() {
             return;
@@ -251,7 +274,10 @@ async fn write_frames(mut writer: turmoil::net::tcp::OwnedWriteHalf, mut frames:
     }
 }
 
-async fn read_frames(mut reader: turmoil::net::tcp::OwnedReadHalf, frames: mpsc::UnboundedSender<Frame>) {
+async fn read_frames(
+    mut reader: turmoil::net::tcp::OwnedReadHalf,
+    frames: mpsc::UnboundedSender<Frame>,
+) {
     while let Ok(Some(frame)) = read_frame(&mut reader).await {
         if frames.send(frame).is_err() {
             return;

@@ -66,7 +66,10 @@ pub fn all(spec: &RunSpec, result: &RunResult) -> Vec<Violation> {
     let (Some(report), Some(returned_ms)) = (&result.report, result.launcher_returned_ms) else {
         violations.push(violation(
             Invariant::NoHang,
-            format!("the launcher had not returned after {} ms of simulated time", result.end_ms),
+            format!(
+                "the launcher had not returned after {} ms of simulated time",
+                result.end_ms
+            ),
         ));
         return violations;
     };
@@ -76,7 +79,11 @@ pub fn all(spec: &RunSpec, result: &RunResult) -> Vec<Violation> {
     violations.extend(teardown_bounded(spec, log, returned_ms));
     violations.extend(output_forwarded(report, log));
     violations.extend(log.records.iter().filter_map(|record| match &record.event {
-        Event::CollectiveWrong { rank, iteration, detail } => Some(violation(
+        Event::CollectiveWrong {
+            rank,
+            iteration,
+            detail,
+        } => Some(violation(
             Invariant::CollectivesCorrect,
             format!("rank {rank} iteration {iteration}: {detail}"),
         )),
@@ -91,7 +98,10 @@ fn exit_code(report: &Report, records: &[Record]) -> Vec<Violation> {
     let outcome = &report.outcome;
     let ruled = exit::exit_code(outcome);
     if report.exit_code != ruled {
-        fail(format!("exit code {} but the rule gives {ruled} for {outcome:?}", report.exit_code));
+        fail(format!(
+            "exit code {} but the rule gives {ruled} for {outcome:?}",
+            report.exit_code
+        ));
     }
 
     let first_signal = records.iter().find_map(|r| match &r.event {
@@ -126,10 +136,15 @@ fn exit_code(report: &Report, records: &[Record]) -> Vec<Violation> {
         let state = &report.ranks[rank].state;
         let pid = report.ranks[rank].pid;
         let observed = records.iter().any(|r| match &r.event {
-            Event::ProcessEnded { rank: ended, pid: ended_pid, how, .. } => {
-                *ended == rank && Some(*ended_pid) == pid && *how == termination.to_string()
+            Event::ProcessEnded {
+                rank: ended,
+                pid: ended_pid,
+                how,
+                ..
+            } => *ended == rank && Some(*ended_pid) == pid && *how == termination.to_string(),
+            Event::SessionLost { rank: lost, .. } => {
+                *lost == rank && matches!(state, RankState::Lost(_))
             }
-            Event::SessionLost { rank: lost, .. } => *lost == rank && matches!(state, RankState::Lost(_)),
             _ => false,
         });
         if !observed {
@@ -143,9 +158,17 @@ fn exit_code(report: &Report, records: &[Record]) -> Vec<Violation> {
                 if *ended == rank.rank && Some(*pid) == rank.pid && how == &Termination::Exited(0).to_string())
         })
     });
-    let disturbed = records.iter().any(|r| matches!(r.event, Event::LauncherSignalled { .. } | Event::SessionLost { .. }));
+    let disturbed = records.iter().any(|r| {
+        matches!(
+            r.event,
+            Event::LauncherSignalled { .. } | Event::SessionLost { .. }
+        )
+    });
     if clean && !disturbed && report.exit_code != exit::SUCCESS {
-        fail(format!("every rank exited 0 but the launcher exited {}", report.exit_code));
+        fail(format!(
+            "every rank exited 0 but the launcher exited {}",
+            report.exit_code
+        ));
     }
     if report.exit_code == exit::SUCCESS && !clean {
         fail("the launcher exited 0 but not every rank was seen exiting 0".to_string());
@@ -189,7 +212,12 @@ fn nothing_left_running(spec: &RunSpec, log: &Inner, returned_ms: u64) -> Vec<Vi
         })
         .collect();
     for record in &log.records {
-        let Event::ProcessStarted { host, pid, rank, .. } = &record.event else { continue };
+        let Event::ProcessStarted {
+            host, pid, rank, ..
+        } = &record.event
+        else {
+            continue;
+        };
         let gone_at = gone.get(&(host.clone(), *pid)).copied().unwrap_or(u64::MAX);
         if gone_at > returned_ms && !lost_before_return.contains(rank) {
             found.push(violation(
@@ -203,18 +231,32 @@ fn nothing_left_running(spec: &RunSpec, log: &Inner, returned_ms: u64) -> Vec<Vi
 
 fn teardown_bounded(spec: &RunSpec, log: &Inner, returned_ms: u64) -> Vec<Violation> {
     let start = log.records.iter().find(|r| {
-        matches!(r.event, Event::LauncherSentSignal { .. } | Event::SessionLost { .. }) && r.at_ms <= returned_ms
+        matches!(
+            r.event,
+            Event::LauncherSentSignal { .. } | Event::SessionLost { .. }
+        ) && r.at_ms <= returned_ms
     });
-    let Some(start) = start else { return Vec::new() };
+    let Some(start) = start else {
+        return Vec::new();
+    };
     let bound = spec.timing.teardown_bound().as_millis() as u64;
     let deadline = start.at_ms + bound;
     let mut found = Vec::new();
     let gone = gone_times(&log.records);
     for record in &log.records {
-        let Event::ProcessStarted { host, pid, rank, .. } = &record.event else { continue };
+        let Event::ProcessStarted {
+            host, pid, rank, ..
+        } = &record.event
+        else {
+            continue;
+        };
         let gone_at = gone.get(&(host.clone(), *pid)).copied().unwrap_or(u64::MAX);
         if gone_at > deadline {
-            let when = if gone_at == u64::MAX { "never ended".to_string() } else { format!("ended at {gone_at} ms") };
+            let when = if gone_at == u64::MAX {
+                "never ended".to_string()
+            } else {
+                format!("ended at {gone_at} ms")
+            };
             found.push(violation(
                 Invariant::TeardownBounded,
                 format!("teardown began at {} ms but rank {rank}'s process {pid} on {host} {when}, after the bound of {bound} ms", start.at_ms),
@@ -236,25 +278,43 @@ fn forwarded_lines(output: &[u8]) -> BTreeMap<usize, Vec<Vec<u8>>> {
     let mut lines: BTreeMap<usize, Vec<Vec<u8>>> = BTreeMap::new();
     for line in output.split_inclusive(|&b| b == b'\n') {
         // Labels look like "[ 3 host3] ".
-        let Some(end) = line.windows(2).position(|w| w == b"] ") else { continue };
+        let Some(end) = line.windows(2).position(|w| w == b"] ") else {
+            continue;
+        };
         if line.first() != Some(&b'[') {
             continue;
         }
         let label = String::from_utf8_lossy(&line[1..end]);
-        let Some(rank) = label.split_whitespace().next().and_then(|r| r.parse().ok()) else { continue };
-        lines.entry(rank).or_default().push(line[end + 2..].to_vec());
+        let Some(rank) = label.split_whitespace().next().and_then(|r| r.parse().ok()) else {
+            continue;
+        };
+        lines
+            .entry(rank)
+            .or_default()
+            .push(line[end + 2..].to_vec());
     }
     lines
 }
 
 fn output_forwarded(report: &Report, log: &Inner) -> Vec<Violation> {
     let mut found = Vec::new();
-    for (stream, output) in [(STDOUT, &log.launcher_stdout), (STDERR, &log.launcher_stderr)] {
+    for (stream, output) in [
+        (STDOUT, &log.launcher_stdout),
+        (STDERR, &log.launcher_stderr),
+    ] {
         let forwarded = forwarded_lines(output);
         for rank in &report.ranks {
             let name = if stream == STDOUT { "stdout" } else { "stderr" };
-            let reached = log.reached.get(&(rank.rank, stream)).cloned().unwrap_or_default();
-            let produced = log.produced.get(&(rank.rank, stream)).cloned().unwrap_or_default();
+            let reached = log
+                .reached
+                .get(&(rank.rank, stream))
+                .cloned()
+                .unwrap_or_default();
+            let produced = log
+                .produced
+                .get(&(rank.rank, stream))
+                .cloned()
+                .unwrap_or_default();
             if !produced.starts_with(&reached) {
                 found.push(violation(
                     Invariant::OutputForwarded,
@@ -262,15 +322,26 @@ fn output_forwarded(report: &Report, log: &Inner) -> Vec<Violation> {
                 ));
                 continue;
             }
-            let complete: Vec<&[u8]> = reached.split_inclusive(|&b| b == b'\n').filter(|l| l.ends_with(b"\n")).collect();
+            let complete: Vec<&[u8]> = reached
+                .split_inclusive(|&b| b == b'\n')
+                .filter(|l| l.ends_with(b"\n"))
+                .collect();
             let empty = Vec::new();
             let sent = forwarded.get(&rank.rank).unwrap_or(&empty);
-            let matching = complete.iter().zip(sent.iter()).take_while(|(a, b)| **a == b.as_slice()).count();
+            let matching = complete
+                .iter()
+                .zip(sent.iter())
+                .take_while(|(a, b)| **a == b.as_slice())
+                .count();
             let whole = matching == complete.len() && sent.len() <= complete.len() + 1;
             let prefix = matching == sent.len().min(complete.len()) && !rank.finished;
             if !whole && !prefix {
-                let expected = complete.get(matching).map(|l| String::from_utf8_lossy(l).into_owned());
-                let got = sent.get(matching).map(|l| String::from_utf8_lossy(l).into_owned());
+                let expected = complete
+                    .get(matching)
+                    .map(|l| String::from_utf8_lossy(l).into_owned());
+                let got = sent
+                    .get(matching)
+                    .map(|l| String::from_utf8_lossy(l).into_owned());
                 found.push(violation(
                     Invariant::OutputForwarded,
                     format!(
@@ -303,7 +374,11 @@ mod tests {
             killed: false,
             finished,
         };
-        Report { ranks: vec![rank], outcome: Outcome::default(), exit_code: 0 }
+        Report {
+            ranks: vec![rank],
+            outcome: Outcome::default(),
+            exit_code: 0,
+        }
     }
 
     fn log_with(reached: &[u8], forwarded: &[u8]) -> Inner {
@@ -316,7 +391,8 @@ mod tests {
 
     #[test]
     fn forwarded_lines_are_split_by_label() {
-        let lines = forwarded_lines(b"[0 host0] a\n[1 host1] b\nringleader: summary\n[0 host0] c\n");
+        let lines =
+            forwarded_lines(b"[0 host0] a\n[1 host1] b\nringleader: summary\n[0 host0] c\n");
 
         assert_eq!(lines[&0], vec![b"a\n".to_vec(), b"c\n".to_vec()]);
         assert_eq!(lines[&1], vec![b"b\n".to_vec()]);

@@ -14,7 +14,9 @@ use ringleader::exec::{ByteReader, SshTarget};
 use ringleader::exit::LauncherSignal;
 use ringleader::hostfile::{Host, Hostfile};
 use ringleader::plan::{self, LaunchPlan, PlanOptions};
-use ringleader::supervisor::{supervise_with_hooks, LauncherIo, Report, SimulatorHooks, SupervisorOptions};
+use ringleader::supervisor::{
+    supervise_with_hooks, LauncherIo, Report, SimulatorHooks, SupervisorOptions,
+};
 use tokio::io::AsyncWrite;
 use tokio::sync::mpsc;
 use turmoil::Sim;
@@ -64,7 +66,9 @@ impl Timing {
     /// keepalive interval more than the silence limit because the check runs
     /// periodically, plus a margin for network latency and scheduling.
     pub fn teardown_bound(&self) -> Duration {
-        self.grace + self.keepalive_interval * (self.keepalive_count_max + 1) + Duration::from_millis(500)
+        self.grace
+            + self.keepalive_interval * (self.keepalive_count_max + 1)
+            + Duration::from_millis(500)
     }
 }
 
@@ -83,7 +87,13 @@ impl RunSpec {
     /// Builds the run of `scenario` with the faults its `seed` draws.
     pub fn from_seed(scenario: Scenario, seed: u64) -> RunSpec {
         let faults = scenario.faults_for_seed(seed);
-        RunSpec { scenario, seed, faults, planted_bug: false, timing: Timing::default() }
+        RunSpec {
+            scenario,
+            seed,
+            faults,
+            planted_bug: false,
+            timing: Timing::default(),
+        }
     }
 }
 
@@ -127,9 +137,23 @@ pub fn run(spec: &RunSpec) -> RunResult {
     let plan = build_plan(&sim, &spec.scenario);
     let (signals, launcher_signals) = mpsc::unbounded_channel();
     let returned: Arc<Mutex<Option<Report>>> = Arc::default();
-    start_launcher(&mut sim, spec, &plan, &log, launcher_signals, returned.clone());
+    start_launcher(
+        &mut sim,
+        spec,
+        &plan,
+        &log,
+        launcher_signals,
+        returned.clone(),
+    );
 
-    let mut driver = Driver { sim, log: log.clone(), inboxes, signals, next_fault: 0, links: BTreeMap::new() };
+    let mut driver = Driver {
+        sim,
+        log: log.clone(),
+        inboxes,
+        signals,
+        next_fault: 0,
+        links: BTreeMap::new(),
+    };
     let outcome = driver.run_until_done(spec, &returned);
     let report = returned.lock().unwrap_or_else(|p| p.into_inner()).take();
     let log = log.snapshot();
@@ -179,7 +203,11 @@ fn build_plan(sim: &Sim<'_>, scenario: &Scenario) -> LaunchPlan {
             target: SshTarget::default(),
         })
         .collect();
-    let hostfile = Hostfile { hosts, backend: None, envs: Vec::new() };
+    let hostfile = Hostfile {
+        hosts,
+        backend: None,
+        envs: Vec::new(),
+    };
     let options = PlanOptions {
         backend: Backend::Ring,
         command: scenario.argv.clone(),
@@ -192,7 +220,11 @@ fn build_plan(sim: &Sim<'_>, scenario: &Scenario) -> LaunchPlan {
         nccl_port: 12345,
         repeat_hosts: 1,
         verbose: false,
-        stdin: if scenario.stdin.is_some() { StdinMode::All } else { StdinMode::None },
+        stdin: if scenario.stdin.is_some() {
+            StdinMode::All
+        } else {
+            StdinMode::None
+        },
         terminal_size: None,
     };
     plan::build(&hostfile, &options, &|_| None).expect("every built-in scenario has a valid plan")
@@ -220,13 +252,23 @@ fn start_launcher(
     };
     let ranks = plan.ranks.clone();
     let forget = spec.planted_bug.then(|| ranks.len() - 1);
-    let stdin = spec.scenario.stdin.clone().map(|bytes| Box::new(Cursor::new(bytes)) as ByteReader);
+    let stdin = spec
+        .scenario
+        .stdin
+        .clone()
+        .map(|bytes| Box::new(Cursor::new(bytes)) as ByteReader);
     let log = log.clone();
     sim.client("launcher", async move {
         let spawner = SimSpawner::new(&log, session);
         let io = LauncherIo {
-            stdout: Box::new(Sink { log: log.clone(), stream: STDOUT }),
-            stderr: Box::new(Sink { log: log.clone(), stream: STDERR }),
+            stdout: Box::new(Sink {
+                log: log.clone(),
+                stream: STDOUT,
+            }),
+            stderr: Box::new(Sink {
+                log: log.clone(),
+                stream: STDERR,
+            }),
             stdin,
             signals,
             merge_streams: false,
@@ -235,10 +277,16 @@ fn start_launcher(
         // process's stderr, which is the launcher's stderr here too.
         let hooks = SimulatorHooks {
             forget_rank: forget,
-            summary_fallback: Some(Box::new(Sink { log: log.clone(), stream: STDERR })),
+            summary_fallback: Some(Box::new(Sink {
+                log: log.clone(),
+                stream: STDERR,
+            })),
         };
-        let report = supervise_with_hooks(&ranks, Arc::new(spawner.clone()), options, io, hooks).await;
-        log.record(Event::LauncherReturned { exit_code: report.exit_code });
+        let report =
+            supervise_with_hooks(&ranks, Arc::new(spawner.clone()), options, io, hooks).await;
+        log.record(Event::LauncherReturned {
+            exit_code: report.exit_code,
+        });
         *returned.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
         // The launcher process exits: its sessions close.
         spawner.shutdown();
@@ -254,7 +302,11 @@ struct Sink {
 }
 
 impl AsyncWrite for Sink {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, bytes: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        bytes: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         self.log.launcher_output(self.stream, bytes);
         Poll::Ready(Ok(bytes.len()))
     }
@@ -312,7 +364,9 @@ impl Driver<'_> {
             self.log.set_now(now_ms);
             self.apply_due_faults(spec, now_ms);
 
-            if launcher_returned_ms.is_none() && returned.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            if launcher_returned_ms.is_none()
+                && returned.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+            {
                 launcher_returned_ms = Some(now_ms);
             }
             if let Some(at) = launcher_returned_ms {
@@ -320,22 +374,37 @@ impl Driver<'_> {
                 // sessions reach the agents, and for lost ranks to die.
                 let settled = now_ms >= at + 50 && self.log.alive_count() == 0;
                 if settled || now_ms >= at + linger_ms {
-                    return DriveOutcome { end_ms: now_ms, sim_error: None };
+                    return DriveOutcome {
+                        end_ms: now_ms,
+                        sim_error: None,
+                    };
                 }
             }
             if now_ms >= deadline_ms {
-                return DriveOutcome { end_ms: now_ms, sim_error: None };
+                return DriveOutcome {
+                    end_ms: now_ms,
+                    sim_error: None,
+                };
             }
             if let Err(error) = self.sim.step() {
-                return DriveOutcome { end_ms: now_ms, sim_error: Some(error.to_string()) };
+                return DriveOutcome {
+                    end_ms: now_ms,
+                    sim_error: Some(error.to_string()),
+                };
             }
         }
     }
 
     fn apply_due_faults(&mut self, spec: &RunSpec, now_ms: u64) {
-        while let Some(timed) = spec.faults.get(self.next_fault).filter(|f| f.at_ms <= now_ms) {
+        while let Some(timed) = spec
+            .faults
+            .get(self.next_fault)
+            .filter(|f| f.at_ms <= now_ms)
+        {
             self.next_fault += 1;
-            self.log.record(Event::FaultApplied { fault: timed.fault.clone() });
+            self.log.record(Event::FaultApplied {
+                fault: timed.fault.clone(),
+            });
             self.apply(&timed.fault, spec.scenario.hosts);
         }
     }
@@ -359,9 +428,14 @@ impl Driver<'_> {
                 self.links.insert(link(a, b), LinkState::Held);
                 self.sim.hold(a.name(), b.name());
             }
-            Fault::Latency { a, b, ms } => self.sim.set_link_latency(a.name(), b.name(), Duration::from_millis(ms)),
+            Fault::Latency { a, b, ms } => {
+                self.sim
+                    .set_link_latency(a.name(), b.name(), Duration::from_millis(ms))
+            }
             Fault::KillRank { rank } => self.host_fault(rank, HostFault::KillRank(rank)),
-            Fault::ExitRank { rank, code } => self.host_fault(rank, HostFault::ExitRank(rank, code)),
+            Fault::ExitRank { rank, code } => {
+                self.host_fault(rank, HostFault::ExitRank(rank, code))
+            }
             Fault::InterruptLauncher => self.launcher_signal(LauncherSignal::Interrupt),
             Fault::TerminateLauncher => self.launcher_signal(LauncherSignal::Terminate),
             Fault::CrashHost { .. } | Fault::BounceHost { .. } => {}
@@ -379,8 +453,9 @@ impl Driver<'_> {
     /// network: from a timeout, or from the RST their next segment gets.
     fn crash(&mut self, host: usize, hosts: usize, restart: bool) {
         let name = host_name(host);
-        let peers: Vec<Node> =
-            std::iter::once(Node::Launcher).chain((0..hosts).filter(|&h| h != host).map(Node::Host)).collect();
+        let peers: Vec<Node> = std::iter::once(Node::Launcher)
+            .chain((0..hosts).filter(|&h| h != host).map(Node::Host))
+            .collect();
         for peer in &peers {
             self.sim.partition(name.as_str(), peer.name());
         }
@@ -405,14 +480,18 @@ impl Driver<'_> {
 
     /// Hands a fault to the agent of the rank's host (rank `r` runs on host `r`).
     fn host_fault(&self, rank: usize, fault: HostFault) {
-        let Some(inbox) = self.inboxes.get(rank) else { return };
+        let Some(inbox) = self.inboxes.get(rank) else {
+            return;
+        };
         if let Some(agent) = inbox.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             let _ = agent.send(fault);
         }
     }
 
     fn launcher_signal(&self, signal: LauncherSignal) {
-        self.log.record(Event::LauncherSignalled { signal: signal.name().to_string() });
+        self.log.record(Event::LauncherSignalled {
+            signal: signal.name().to_string(),
+        });
         let _ = self.signals.send(signal);
     }
 }

@@ -33,22 +33,47 @@ pub fn host_name(index: usize) -> String {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Fault {
     /// Every process on the host dies; the agent stops listening.
-    CrashHost { host: usize },
+    CrashHost {
+        host: usize,
+    },
     /// The host's software restarts (a crashed host comes back up).
-    BounceHost { host: usize },
+    BounceHost {
+        host: usize,
+    },
     /// Messages between the two nodes are dropped.
-    Partition { a: Node, b: Node },
+    Partition {
+        a: Node,
+        b: Node,
+    },
     /// Undoes a partition.
-    Repair { a: Node, b: Node },
+    Repair {
+        a: Node,
+        b: Node,
+    },
     /// Messages between the two nodes wait until released.
-    Hold { a: Node, b: Node },
-    Release { a: Node, b: Node },
+    Hold {
+        a: Node,
+        b: Node,
+    },
+    Release {
+        a: Node,
+        b: Node,
+    },
     /// Fixed message latency on the link, in milliseconds.
-    Latency { a: Node, b: Node, ms: u64 },
+    Latency {
+        a: Node,
+        b: Node,
+        ms: u64,
+    },
     /// SIGKILL to the rank's process group from outside the launcher.
-    KillRank { rank: usize },
+    KillRank {
+        rank: usize,
+    },
     /// The rank exits with `code` at once.
-    ExitRank { rank: usize, code: i32 },
+    ExitRank {
+        rank: usize,
+        code: i32,
+    },
     /// The launcher receives SIGINT.
     InterruptLauncher,
     /// The launcher receives SIGTERM.
@@ -57,7 +82,11 @@ pub enum Fault {
 
 impl fmt::Display for Fault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", serde_json::to_string(self).expect("a fault serializes"))
+        write!(
+            f,
+            "{}",
+            serde_json::to_string(self).expect("a fault serializes")
+        )
     }
 }
 
@@ -96,8 +125,15 @@ pub struct FaultMix {
 }
 
 impl FaultMix {
-    pub const NONE: FaultMix =
-        FaultMix { min_faults: 0, max_faults: 0, horizon_ms: 0, hosts: false, links: false, ranks: false, launcher_signals: false };
+    pub const NONE: FaultMix = FaultMix {
+        min_faults: 0,
+        max_faults: 0,
+        horizon_ms: 0,
+        hosts: false,
+        links: false,
+        ranks: false,
+        launcher_signals: false,
+    };
 }
 
 /// A small, fast, seedable generator (SplitMix64), so schedules depend on
@@ -156,35 +192,73 @@ pub fn random_faults(seed: u64, hosts: usize, mix: FaultMix) -> Vec<TimedFault> 
         let peer = random_peer(&mut rng, hosts, host);
         let later = at_ms + 100 + rng.below(1500);
         match kinds[rng.below(kinds.len() as u64) as usize] {
-            0 => faults.push(TimedFault { at_ms, fault: Fault::CrashHost { host } }),
+            0 => faults.push(TimedFault {
+                at_ms,
+                fault: Fault::CrashHost { host },
+            }),
             1 => {
-                faults.push(TimedFault { at_ms, fault: Fault::CrashHost { host } });
-                faults.push(TimedFault { at_ms: later, fault: Fault::BounceHost { host } });
+                faults.push(TimedFault {
+                    at_ms,
+                    fault: Fault::CrashHost { host },
+                });
+                faults.push(TimedFault {
+                    at_ms: later,
+                    fault: Fault::BounceHost { host },
+                });
             }
             2 => {
                 let (a, b) = (Node::Host(host), peer);
-                faults.push(TimedFault { at_ms, fault: Fault::Partition { a, b } });
-                faults.push(TimedFault { at_ms: later, fault: Fault::Repair { a, b } });
+                faults.push(TimedFault {
+                    at_ms,
+                    fault: Fault::Partition { a, b },
+                });
+                faults.push(TimedFault {
+                    at_ms: later,
+                    fault: Fault::Repair { a, b },
+                });
             }
             3 => {
                 let (a, b) = (Node::Host(host), peer);
-                faults.push(TimedFault { at_ms, fault: Fault::Hold { a, b } });
-                faults.push(TimedFault { at_ms: later, fault: Fault::Release { a, b } });
+                faults.push(TimedFault {
+                    at_ms,
+                    fault: Fault::Hold { a, b },
+                });
+                faults.push(TimedFault {
+                    at_ms: later,
+                    fault: Fault::Release { a, b },
+                });
             }
             4 => {
                 let ms = 1 + rng.below(200);
-                faults.push(TimedFault { at_ms, fault: Fault::Latency { a: Node::Host(host), b: peer, ms } });
+                faults.push(TimedFault {
+                    at_ms,
+                    fault: Fault::Latency {
+                        a: Node::Host(host),
+                        b: peer,
+                        ms,
+                    },
+                });
             }
             // A rank fault before the rank runs would do nothing, so rank
             // faults come after the ranks have had time to start.
-            5 => faults.push(TimedFault { at_ms: at_ms + RANK_STARTUP_MS, fault: Fault::KillRank { rank: host } }),
+            5 => faults.push(TimedFault {
+                at_ms: at_ms + RANK_STARTUP_MS,
+                fault: Fault::KillRank { rank: host },
+            }),
             6 => {
                 let code = 1 + rng.below(120) as i32;
                 let at_ms = at_ms + RANK_STARTUP_MS;
-                faults.push(TimedFault { at_ms, fault: Fault::ExitRank { rank: host, code } });
+                faults.push(TimedFault {
+                    at_ms,
+                    fault: Fault::ExitRank { rank: host, code },
+                });
             }
             _ => {
-                let fault = if rng.below(2) == 0 { Fault::InterruptLauncher } else { Fault::TerminateLauncher };
+                let fault = if rng.below(2) == 0 {
+                    Fault::InterruptLauncher
+                } else {
+                    Fault::TerminateLauncher
+                };
                 faults.push(TimedFault { at_ms, fault });
             }
         }

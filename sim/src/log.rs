@@ -24,16 +24,35 @@ pub enum Event {
     /// The driver loop applied a scheduled fault.
     FaultApplied { fault: Fault },
     /// A simulated process started on a host; `group` is its process group.
-    ProcessStarted { host: String, pid: u32, group: u32, rank: usize },
+    ProcessStarted {
+        host: String,
+        pid: u32,
+        group: u32,
+        rank: usize,
+    },
     /// The agent observed a process end (`exit code N` or `killed by SIGx`).
-    ProcessEnded { host: String, pid: u32, rank: usize, how: String },
+    ProcessEnded {
+        host: String,
+        pid: u32,
+        rank: usize,
+        how: String,
+    },
     /// The process's task was dropped: nothing of it runs any more.
     ProcessGone { host: String, pid: u32, rank: usize },
     /// A signal reached a rank's process group; `source` is `launcher`,
     /// `agent` (its own teardown) or `fault`.
-    GroupSignalled { host: String, rank: usize, signal: String, source: String },
+    GroupSignalled {
+        host: String,
+        rank: usize,
+        signal: String,
+        source: String,
+    },
     /// An agent began stopping a rank on its own, and why.
-    AgentStopping { host: String, rank: usize, reason: String },
+    AgentStopping {
+        host: String,
+        rank: usize,
+        reason: String,
+    },
     /// The spawner asked a rank's agent to deliver a signal.
     LauncherSentSignal { rank: usize, signal: String },
     /// The spawner lost a rank's session.
@@ -43,9 +62,17 @@ pub enum Event {
     /// A collective returned the values it should.
     CollectiveOk { rank: usize, iteration: usize },
     /// A collective returned an error.
-    CollectiveFailed { rank: usize, iteration: usize, error: String },
+    CollectiveFailed {
+        rank: usize,
+        iteration: usize,
+        error: String,
+    },
     /// A collective returned without error but with wrong values.
-    CollectiveWrong { rank: usize, iteration: usize, detail: String },
+    CollectiveWrong {
+        rank: usize,
+        iteration: usize,
+        detail: String,
+    },
     /// `supervise` returned.
     LauncherReturned { exit_code: i32 },
 }
@@ -89,7 +116,9 @@ impl EventLog {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic elsewhere in the simulation must not hide the log.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn set_now(&self, now_ms: u64) {
@@ -112,7 +141,9 @@ impl EventLog {
         tracing::debug!(at_ms = inner.now_ms, ?event, "sim event");
         let at_ms = inner.now_ms;
         match &event {
-            Event::ProcessStarted { host, pid, rank, .. } => {
+            Event::ProcessStarted {
+                host, pid, rank, ..
+            } => {
                 inner.alive.insert((host.clone(), *pid), *rank);
             }
             Event::ProcessGone { host, pid, .. } => {
@@ -124,11 +155,19 @@ impl EventLog {
     }
 
     pub fn produced(&self, rank: usize, stream: u8, bytes: &[u8]) {
-        self.lock().produced.entry((rank, stream)).or_default().extend_from_slice(bytes);
+        self.lock()
+            .produced
+            .entry((rank, stream))
+            .or_default()
+            .extend_from_slice(bytes);
     }
 
     pub fn reached(&self, rank: usize, stream: u8, bytes: &[u8]) {
-        self.lock().reached.entry((rank, stream)).or_default().extend_from_slice(bytes);
+        self.lock()
+            .reached
+            .entry((rank, stream))
+            .or_default()
+            .extend_from_slice(bytes);
     }
 
     pub fn launcher_output(&self, stream: u8, bytes: &[u8]) {
@@ -149,10 +188,19 @@ impl EventLog {
         let gone: Vec<(u32, usize)> = {
             let mut inner = self.lock();
             inner.crashing = None;
-            inner.alive.iter().filter(|((h, _), _)| h == host).map(|((_, pid), rank)| (*pid, *rank)).collect()
+            inner
+                .alive
+                .iter()
+                .filter(|((h, _), _)| h == host)
+                .map(|((_, pid), rank)| (*pid, *rank))
+                .collect()
         };
         for (pid, rank) in gone {
-            self.record(Event::ProcessGone { host: host.to_string(), pid, rank });
+            self.record(Event::ProcessGone {
+                host: host.to_string(),
+                pid,
+                rank,
+            });
         }
     }
 

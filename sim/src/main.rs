@@ -74,7 +74,11 @@ enum Command {
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
         /// File the shrunk schedule of the first failing seed is written to.
-        #[arg(long, value_name = "FILE", default_value = "ringleader-sim-failure.json")]
+        #[arg(
+            long,
+            value_name = "FILE",
+            default_value = "ringleader-sim-failure.json"
+        )]
         out: PathBuf,
         /// Do not shrink the first failing seed.
         #[arg(long)]
@@ -116,12 +120,35 @@ fn main() -> ExitCode {
             list();
             Ok(true)
         }
-        Command::Run { scenario, seed, events, planted_bug, check_determinism } => {
-            run(&scenario, seed, events, planted_bug, check_determinism)
-        }
-        Command::Sweep { scenario, seeds, first_seed, jobs, out, no_shrink, quiet, planted_bug } => {
-            let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            run_sweep(&scenario, first_seed, seeds, jobs, &out, !no_shrink, quiet, planted_bug)
+        Command::Run {
+            scenario,
+            seed,
+            events,
+            planted_bug,
+            check_determinism,
+        } => run(&scenario, seed, events, planted_bug, check_determinism),
+        Command::Sweep {
+            scenario,
+            seeds,
+            first_seed,
+            jobs,
+            out,
+            no_shrink,
+            quiet,
+            planted_bug,
+        } => {
+            let jobs =
+                jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            run_sweep(
+                &scenario,
+                first_seed,
+                seeds,
+                jobs,
+                &out,
+                !no_shrink,
+                quiet,
+                planted_bug,
+            )
         }
         Command::Replay { file, events } => replay(&file, events),
     };
@@ -138,7 +165,10 @@ fn main() -> ExitCode {
 fn find_scenario(name: &str) -> Result<Scenario, String> {
     scenario::find(name).ok_or_else(|| {
         let names: Vec<&str> = scenario::all().iter().map(|s| s.name).collect();
-        format!("unknown scenario {name:?}\nhint: use one of {}", names.join(", "))
+        format!(
+            "unknown scenario {name:?}\nhint: use one of {}",
+            names.join(", ")
+        )
     })
 }
 
@@ -157,11 +187,24 @@ fn warn_if_not_deterministic() {
 }
 
 fn replay_command(spec: &RunSpec) -> String {
-    let bug = if spec.planted_bug { " --planted-bug" } else { "" };
-    format!("ringleader-sim run --scenario {} --seed {}{bug}", spec.scenario.name, spec.seed)
+    let bug = if spec.planted_bug {
+        " --planted-bug"
+    } else {
+        ""
+    };
+    format!(
+        "ringleader-sim run --scenario {} --seed {}{bug}",
+        spec.scenario.name, spec.seed
+    )
 }
 
-fn run(name: &str, seed: Option<u64>, events: bool, planted_bug: bool, check_determinism: bool) -> Result<bool, String> {
+fn run(
+    name: &str,
+    seed: Option<u64>,
+    events: bool,
+    planted_bug: bool,
+    check_determinism: bool,
+) -> Result<bool, String> {
     let scenario = find_scenario(name)?;
     warn_if_not_deterministic();
     let seed = seed.unwrap_or_else(random_seed);
@@ -170,7 +213,10 @@ fn run(name: &str, seed: Option<u64>, events: bool, planted_bug: bool, check_det
     spec.planted_bug = planted_bug;
     let result = if check_determinism {
         sweep::determinism(&spec).map_err(|difference| {
-            format!("seed {seed} is not deterministic: {difference}\nreplay: {}", replay_command(&spec))
+            format!(
+                "seed {seed} is not deterministic: {difference}\nreplay: {}",
+                replay_command(&spec)
+            )
         })?
     } else {
         cluster::run(&spec)
@@ -183,12 +229,18 @@ fn run(name: &str, seed: Option<u64>, events: bool, planted_bug: bool, check_det
 }
 
 fn replay(file: &PathBuf, events: bool) -> Result<bool, String> {
-    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-    let schedule: Schedule =
-        serde_json::from_str(&text).map_err(|e| format!("{} is not a valid schedule: {e}", file.display()))?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let schedule: Schedule = serde_json::from_str(&text)
+        .map_err(|e| format!("{} is not a valid schedule: {e}", file.display()))?;
     let scenario = find_scenario(&schedule.scenario)?;
     warn_if_not_deterministic();
-    eprintln!("ringleader-sim: replaying {} (scenario {}, seed {})", file.display(), schedule.scenario, schedule.seed);
+    eprintln!(
+        "ringleader-sim: replaying {} (scenario {}, seed {})",
+        file.display(),
+        schedule.scenario,
+        schedule.seed
+    );
     let spec = RunSpec {
         scenario,
         seed: schedule.seed,
@@ -207,14 +259,24 @@ fn replay(file: &PathBuf, events: bool) -> Result<bool, String> {
 fn print_result(spec: &RunSpec, result: &RunResult, events: bool) {
     if events {
         for record in &result.log.records {
-            println!("{}", serde_json::to_string(record).expect("a record serializes"));
+            println!(
+                "{}",
+                serde_json::to_string(record).expect("a record serializes")
+            );
         }
     }
     for fault in &spec.faults {
         eprintln!("fault at {:>6} ms: {}", fault.at_ms, fault.fault);
     }
-    let exit = result.exit_code().map_or("none (the launcher did not return)".to_string(), |c| c.to_string());
-    eprintln!("launcher exit code: {exit}; simulated time {} ms", result.end_ms);
+    let exit = result
+        .exit_code()
+        .map_or("none (the launcher did not return)".to_string(), |c| {
+            c.to_string()
+        });
+    eprintln!(
+        "launcher exit code: {exit}; simulated time {} ms",
+        result.end_ms
+    );
     if result.passed() {
         eprintln!("PASS: every invariant held");
     }
@@ -224,7 +286,9 @@ fn print_result(spec: &RunSpec, result: &RunResult, events: bool) {
 }
 
 fn random_seed() -> u64 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     (nanos as u64) ^ u64::from(std::process::id()).rotate_left(32)
 }
 
@@ -241,21 +305,40 @@ fn run_sweep(
 ) -> Result<bool, String> {
     let scenario = find_scenario(name)?;
     warn_if_not_deterministic();
-    eprintln!("ringleader-sim: sweeping scenario {name}, seeds {first_seed}..{}, {jobs} jobs", first_seed + seeds);
-    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(seeds) };
+    eprintln!(
+        "ringleader-sim: sweeping scenario {name}, seeds {first_seed}..{}, {jobs} jobs",
+        first_seed + seeds
+    );
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(seeds)
+    };
     bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} seeds, {msg} [{elapsed_precise}, eta {eta}]")
-            .expect("a valid progress template"),
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} seeds, {msg} [{elapsed_precise}, eta {eta}]",
+        )
+        .expect("a valid progress template"),
     );
     let failures = std::sync::atomic::AtomicU64::new(0);
     let started = Instant::now();
-    let outcomes = sweep::sweep(&scenario, first_seed, seeds, jobs, planted_bug, &|outcome| {
-        if !outcome.passed() {
-            failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        bar.set_message(format!("{} failed", failures.load(std::sync::atomic::Ordering::Relaxed)));
-        bar.inc(1);
-    });
+    let outcomes = sweep::sweep(
+        &scenario,
+        first_seed,
+        seeds,
+        jobs,
+        planted_bug,
+        &|outcome| {
+            if !outcome.passed() {
+                failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            bar.set_message(format!(
+                "{} failed",
+                failures.load(std::sync::atomic::Ordering::Relaxed)
+            ));
+            bar.inc(1);
+        },
+    );
     bar.finish_and_clear();
     let wall = started.elapsed();
     print_summary(&outcomes, wall);
@@ -265,11 +348,16 @@ fn run_sweep(
     };
     let mut spec = RunSpec::from_seed(scenario, failed.seed);
     spec.planted_bug = planted_bug;
-    eprintln!("first failing seed {}: replay with\n  {}", failed.seed, replay_command(&spec));
+    eprintln!(
+        "first failing seed {}: replay with\n  {}",
+        failed.seed,
+        replay_command(&spec)
+    );
     if shrink {
         let (schedule, result) = sweep::shrink(&spec);
         let json = serde_json::to_string_pretty(&schedule).expect("a schedule serializes");
-        std::fs::write(out, format!("{json}\n")).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+        std::fs::write(out, format!("{json}\n"))
+            .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
         eprintln!(
             "shrunk from {} to {} faults; it still fails with:",
             spec.faults.len(),
@@ -279,7 +367,10 @@ fn run_sweep(
             eprintln!("  {violation}");
         }
         println!("{json}");
-        eprintln!("replay the shrunk schedule with\n  ringleader-sim replay {}", out.display());
+        eprintln!(
+            "replay the shrunk schedule with\n  ringleader-sim replay {}",
+            out.display()
+        );
     }
     Ok(false)
 }
@@ -289,7 +380,9 @@ fn print_summary(outcomes: &[SeedOutcome], wall: std::time::Duration) {
     let sim_ms: u64 = outcomes.iter().map(|o| o.sim_ms).sum();
     let mut by_exit: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     for outcome in outcomes {
-        let key = outcome.exit_code.map_or("none".to_string(), |c| c.to_string());
+        let key = outcome
+            .exit_code
+            .map_or("none".to_string(), |c| c.to_string());
         let entry = by_exit.entry(key).or_default();
         entry.0 += 1;
         if !outcome.passed() {
@@ -310,7 +403,11 @@ fn print_summary(outcomes: &[SeedOutcome], wall: std::time::Duration) {
         sim_ms as f64 / 1000.0 / wall_s.max(1e-9)
     );
     for outcome in outcomes.iter().filter(|o| !o.passed()).take(10) {
-        let first = outcome.violations.first().map(|v| v.to_string()).unwrap_or_default();
+        let first = outcome
+            .violations
+            .first()
+            .map(|v| v.to_string())
+            .unwrap_or_default();
         println!("seed {} failed: {first}", outcome.seed);
     }
 }

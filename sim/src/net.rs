@@ -35,7 +35,9 @@ pub struct SimNet {
 
 impl Default for SimNet {
     fn default() -> Self {
-        SimNet { syn_timeout: DEFAULT_SYN_TIMEOUT }
+        SimNet {
+            syn_timeout: DEFAULT_SYN_TIMEOUT,
+        }
     }
 }
 
@@ -52,7 +54,10 @@ impl Net for SimNet {
         let stream = match tokio::time::timeout(self.syn_timeout, TcpStream::connect(addr)).await {
             Ok(result) => result?,
             Err(_) => {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr} timed out")));
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connecting to {addr} timed out"),
+                ));
             }
         };
         stream.set_nodelay(true)?;

@@ -59,7 +59,8 @@ impl SimSignal {
 }
 
 /// A rank program: takes its context, returns its exit code.
-pub type Program = Arc<dyn Fn(RankContext) -> Pin<Box<dyn Future<Output = i32> + Send>> + Send + Sync>;
+pub type Program =
+    Arc<dyn Fn(RankContext) -> Pin<Box<dyn Future<Output = i32> + Send>> + Send + Sync>;
 
 /// Programs by name; a rank's `argv[0]` picks one.
 #[derive(Clone, Default)]
@@ -73,7 +74,10 @@ impl Programs {
         F: Fn(RankContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = i32> + Send + 'static,
     {
-        self.by_name.insert(name.to_string(), Arc::new(move |context| Box::pin(program(context))));
+        self.by_name.insert(
+            name.to_string(),
+            Arc::new(move |context| Box::pin(program(context))),
+        );
     }
 
     pub fn get(&self, name: &str) -> Option<Program> {
@@ -99,10 +103,12 @@ impl OutputPipe {
     /// Writes `bytes`, waiting while the pipe is full. Fails with
     /// [`io::ErrorKind::BrokenPipe`] once the reader is gone.
     pub async fn write_all(&self, bytes: &[u8]) -> io::Result<()> {
-        self.tx
-            .send(bytes.to_vec())
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the rank's output pipe is closed"))?;
+        self.tx.send(bytes.to_vec()).await.map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the rank's output pipe is closed",
+            )
+        })?;
         self.log.produced(self.rank, self.stream, bytes);
         Ok(())
     }
@@ -114,9 +120,21 @@ impl OutputPipe {
 }
 
 /// Creates a pipe for `(rank, stream)`.
-pub fn output_pipe(rank: usize, stream: u8, log: &EventLog) -> (OutputPipe, mpsc::Receiver<Vec<u8>>) {
+pub fn output_pipe(
+    rank: usize,
+    stream: u8,
+    log: &EventLog,
+) -> (OutputPipe, mpsc::Receiver<Vec<u8>>) {
     let (tx, rx) = mpsc::channel(PIPE_CHUNKS);
-    (OutputPipe { tx, rank, stream, log: log.clone() }, rx)
+    (
+        OutputPipe {
+            tx,
+            rank,
+            stream,
+            log: log.clone(),
+        },
+        rx,
+    )
 }
 
 /// The read end of a rank's stdin.
@@ -168,7 +186,10 @@ impl RankContext {
     /// Starts `argv` as a child in this process's group, sharing its output
     /// pipes and with no stdin. Returns the child's pid.
     pub fn spawn_child(&self, argv: Vec<String>) -> io::Result<u32> {
-        let group = self.table.group_of(self.pid).ok_or_else(|| io::Error::other("the parent has ended"))?;
+        let group = self
+            .table
+            .group_of(self.pid)
+            .ok_or_else(|| io::Error::other("the parent has ended"))?;
         let spec = ProcessSpec {
             rank: self.rank,
             argv,
@@ -179,7 +200,10 @@ impl RankContext {
             stderr: self.stderr.clone(),
             stdin: None,
         };
-        self.table.spawn(spec).map(|(pid, _)| pid).map_err(io::Error::other)
+        self.table
+            .spawn(spec)
+            .map(|(pid, _)| pid)
+            .map_err(io::Error::other)
     }
 }
 
@@ -234,13 +258,21 @@ impl ProcessTable {
     }
 
     fn lock(&self) -> MutexGuard<'_, TableInner> {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Starts a process and returns its pid and a receiver of how it ended.
-    pub fn spawn(&self, spec: ProcessSpec) -> Result<(u32, oneshot::Receiver<Termination>), String> {
+    pub fn spawn(
+        &self,
+        spec: ProcessSpec,
+    ) -> Result<(u32, oneshot::Receiver<Termination>), String> {
         let name = spec.argv.first().cloned().unwrap_or_default();
-        let program = self.programs.get(&name).ok_or_else(|| format!("command not found: {name}"))?;
+        let program = self
+            .programs
+            .get(&name)
+            .ok_or_else(|| format!("command not found: {name}"))?;
         let (ended_tx, ended_rx) = oneshot::channel();
         let pid = {
             let mut inner = self.lock();
@@ -249,9 +281,20 @@ impl ProcessTable {
             let group = spec.group.unwrap_or(pid);
             inner.processes.insert(
                 pid,
-                Process { group, rank: spec.rank, abort: None, catcher: None, ended: Some(ended_tx) },
+                Process {
+                    group,
+                    rank: spec.rank,
+                    abort: None,
+                    catcher: None,
+                    ended: Some(ended_tx),
+                },
             );
-            self.log.record(Event::ProcessStarted { host: self.host.clone(), pid, group, rank: spec.rank });
+            self.log.record(Event::ProcessStarted {
+                host: self.host.clone(),
+                pid,
+                group,
+                rank: spec.rank,
+            });
             pid
         };
 
@@ -269,7 +312,12 @@ impl ProcessTable {
             table: self.clone(),
         };
         let table = self.clone();
-        let gone = GoneGuard { log: self.log.clone(), host: self.host.clone(), pid, rank: spec.rank };
+        let gone = GoneGuard {
+            log: self.log.clone(),
+            host: self.host.clone(),
+            pid,
+            rank: spec.rank,
+        };
         let task = tokio::spawn(async move {
             let _gone = gone;
             let code = program(context).await;
@@ -329,7 +377,8 @@ impl ProcessTable {
             });
         }
         for (pid, _, catcher) in members {
-            let caught = signal != SimSignal::Kill && catcher.is_some_and(|c| c.send(signal).is_ok());
+            let caught =
+                signal != SimSignal::Kill && catcher.is_some_and(|c| c.send(signal).is_ok());
             if !caught {
                 self.end(pid, Termination::Signaled(signal.number()));
             }
@@ -348,7 +397,11 @@ impl ProcessTable {
 
     /// Returns the pid of `rank`'s group leader, if one runs.
     pub fn leader_of_rank(&self, rank: usize) -> Option<u32> {
-        self.lock().processes.iter().find(|(pid, p)| p.rank == rank && p.group == **pid).map(|(pid, _)| *pid)
+        self.lock()
+            .processes
+            .iter()
+            .find(|(pid, p)| p.rank == rank && p.group == **pid)
+            .map(|(pid, _)| *pid)
     }
 }
 
@@ -363,6 +416,10 @@ struct GoneGuard {
 
 impl Drop for GoneGuard {
     fn drop(&mut self) {
-        self.log.record(Event::ProcessGone { host: self.host.clone(), pid: self.pid, rank: self.rank });
+        self.log.record(Event::ProcessGone {
+            host: self.host.clone(),
+            pid: self.pid,
+            rank: self.rank,
+        });
     }
 }

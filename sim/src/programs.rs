@@ -45,13 +45,22 @@ pub fn standard() -> Programs {
 
 /// Argument `index` as a number, or `default` when absent or invalid.
 fn arg<T: std::str::FromStr>(context: &RankContext, index: usize, default: T) -> T {
-    context.argv.get(index).and_then(|a| a.parse().ok()).unwrap_or(default)
+    context
+        .argv
+        .get(index)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(default)
 }
 
 async fn print(context: RankContext) -> i32 {
     let lines: usize = arg(&context, 1, 10);
     for line in 0..lines {
-        if context.stdout.line(&format!("rank {} line {line}", context.rank)).await.is_err() {
+        if context
+            .stdout
+            .line(&format!("rank {} line {line}", context.rank))
+            .await
+            .is_err()
+        {
             return 1;
         }
     }
@@ -66,14 +75,20 @@ async fn exit_after(context: RankContext) -> i32 {
         return std::future::pending().await;
     }
     tokio::time::sleep(Duration::from_millis(delay)).await;
-    let _ = context.stderr.line(&format!("rank {} exiting with {code}", context.rank)).await;
+    let _ = context
+        .stderr
+        .line(&format!("rank {} exiting with {code}", context.rank))
+        .await;
     code
 }
 
 async fn ignore_term(context: RankContext) -> i32 {
     let mut signals = context.catch_signals();
     while let Some(signal) = signals.recv().await {
-        let _ = context.stderr.line(&format!("rank {} ignoring {}", context.rank, signal.name())).await;
+        let _ = context
+            .stderr
+            .line(&format!("rank {} ignoring {}", context.rank, signal.name()))
+            .await;
     }
     std::future::pending().await
 }
@@ -91,8 +106,16 @@ async fn children(context: RankContext) -> i32 {
 async fn flood(context: RankContext) -> i32 {
     let lines: usize = arg(&context, 1, 5000);
     for line in 0..lines {
-        let text = format!("rank {} flood line {line:06} {}", context.rank, "x".repeat(60));
-        let pipe = if line % 10 == 9 { &context.stderr } else { &context.stdout };
+        let text = format!(
+            "rank {} flood line {line:06} {}",
+            context.rank,
+            "x".repeat(60)
+        );
+        let pipe = if line % 10 == 9 {
+            &context.stderr
+        } else {
+            &context.stdout
+        };
         if pipe.line(&text).await.is_err() {
             return 1;
         }
@@ -118,7 +141,11 @@ async fn ring_loop(context: RankContext) -> i32 {
     let pause = Duration::from_millis(arg(&context, 3, 20));
     let rank = context.rank;
     let failed = |iteration: usize, error: String| {
-        context.log.record(Event::CollectiveFailed { rank, iteration, error });
+        context.log.record(Event::CollectiveFailed {
+            rank,
+            iteration,
+            error,
+        });
         EXIT_COLLECTIVE_FAILED
     };
 
@@ -145,32 +172,54 @@ async fn ring_loop(context: RankContext) -> i32 {
     let size = group.size();
     for iteration in 0..iterations {
         let round = (iteration + 1) as f32;
-        let mut data: Vec<f32> = (0..len).map(|j| (rank + 1) as f32 * round + (j % 7) as f32).collect();
+        let mut data: Vec<f32> = (0..len)
+            .map(|j| (rank + 1) as f32 * round + (j % 7) as f32)
+            .collect();
         if let Err(error) = group.all_sum(&mut data).await {
-            let _ = context.stderr.line(&format!("rank {rank}: all_sum {iteration}: {error}")).await;
+            let _ = context
+                .stderr
+                .line(&format!("rank {rank}: all_sum {iteration}: {error}"))
+                .await;
             return failed(iteration, error.to_string());
         }
         let ranks_sum = (size * (size + 1) / 2) as f32;
-        if let Some(j) = (0..len).find(|&j| data[j] != ranks_sum * round + (size * (j % 7)) as f32) {
+        if let Some(j) = (0..len).find(|&j| data[j] != ranks_sum * round + (size * (j % 7)) as f32)
+        {
             let detail = format!("all_sum element {j} is {}", data[j]);
-            context.log.record(Event::CollectiveWrong { rank, iteration, detail });
+            context.log.record(Event::CollectiveWrong {
+                rank,
+                iteration,
+                detail,
+            });
             return EXIT_WRONG_VALUES;
         }
         if iteration % 2 == 1 {
             let input = [rank as f32; 4];
             let mut output = vec![0f32; 4 * size];
             if let Err(error) = group.all_gather(&input, &mut output).await {
-                let _ = context.stderr.line(&format!("rank {rank}: all_gather {iteration}: {error}")).await;
+                let _ = context
+                    .stderr
+                    .line(&format!("rank {rank}: all_gather {iteration}: {error}"))
+                    .await;
                 return failed(iteration, error.to_string());
             }
             if let Some(k) = (0..output.len()).find(|&k| output[k] != (k / 4) as f32) {
                 let detail = format!("all_gather element {k} is {}", output[k]);
-                context.log.record(Event::CollectiveWrong { rank, iteration, detail });
+                context.log.record(Event::CollectiveWrong {
+                    rank,
+                    iteration,
+                    detail,
+                });
                 return EXIT_WRONG_VALUES;
             }
         }
         context.log.record(Event::CollectiveOk { rank, iteration });
-        if context.stdout.line(&format!("rank {rank} iteration {iteration} ok")).await.is_err() {
+        if context
+            .stdout
+            .line(&format!("rank {rank} iteration {iteration} ok"))
+            .await
+            .is_err()
+        {
             return 1;
         }
         tokio::time::sleep(pause).await;
@@ -179,7 +228,12 @@ async fn ring_loop(context: RankContext) -> i32 {
 }
 
 fn address_table(context: &RankContext) -> Result<AddressTable, String> {
-    let path = context.env("MLX_HOSTFILE").ok_or("MLX_HOSTFILE is not set")?;
-    let text = context.files.get(path).ok_or_else(|| format!("{path} does not exist"))?;
+    let path = context
+        .env("MLX_HOSTFILE")
+        .ok_or("MLX_HOSTFILE is not set")?;
+    let text = context
+        .files
+        .get(path)
+        .ok_or_else(|| format!("{path} does not exist"))?;
     AddressTable::parse_hostfile(text, Path::new(path)).map_err(|error| error.to_string())
 }

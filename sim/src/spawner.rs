@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ringleader::exec::{
-    BoxFuture, ByteReader, ByteWriter, RankControl, RankSignal, RankSpec, SpawnError, Spawned, Spawner, Termination,
+    BoxFuture, ByteReader, ByteWriter, RankControl, RankSignal, RankSpec, SpawnError, Spawned,
+    Spawner, Termination,
 };
 use ringleader::net::Net;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
@@ -55,7 +56,12 @@ pub struct SimSpawner {
 
 impl SimSpawner {
     pub fn new(log: &EventLog, options: SessionOptions) -> SimSpawner {
-        SimSpawner { net: SimNet::default(), log: log.clone(), options, shutdown: Arc::new(watch::channel(false).0) }
+        SimSpawner {
+            net: SimNet::default(),
+            log: log.clone(),
+            options,
+            shutdown: Arc::new(watch::channel(false).0),
+        }
     }
 
     /// Closes every session, as the launcher's exit does.
@@ -64,36 +70,65 @@ impl SimSpawner {
     }
 
     async fn start(&self, spec: &RankSpec) -> Result<Spawned, SpawnError> {
-        let ssh_error = |message: String| SpawnError::Ssh { rank: spec.rank, host: spec.host.clone(), message };
+        let ssh_error = |message: String| SpawnError::Ssh {
+            rank: spec.rank,
+            host: spec.host.clone(),
+            message,
+        };
         let ip = turmoil::lookup(spec.host.as_str());
         let stream = self
             .net
             .connect(SocketAddr::new(ip, AGENT_PORT))
             .await
-            .map_err(|error| ssh_error(format!("connect to {}:{AGENT_PORT}: {error}", spec.host)))?;
+            .map_err(|error| {
+                ssh_error(format!("connect to {}:{AGENT_PORT}: {error}", spec.host))
+            })?;
         let (mut reader, mut writer) = stream.into_split();
 
         let request = StartRequest {
             rank: spec.rank,
             argv: spec.argv.clone(),
             env: spec.env.clone(),
-            files: spec.files.iter().map(|f| (f.env_var.clone(), f.contents.to_string())).collect(),
+            files: spec
+                .files
+                .iter()
+                .map(|f| (f.env_var.clone(), f.contents.to_string()))
+                .collect(),
             stdin: spec.stdin,
         };
         let json = serde_json::to_vec(&request).expect("a start request serializes");
-        write_frame(&mut writer, &Frame::Start(json)).await.map_err(|error| ssh_error(error.to_string()))?;
-        let reply = tokio::time::timeout(self.options.silence_limit(), read_frame(&mut reader)).await;
+        write_frame(&mut writer, &Frame::Start(json))
+            .await
+            .map_err(|error| ssh_error(error.to_string()))?;
+        let reply =
+            tokio::time::timeout(self.options.silence_limit(), read_frame(&mut reader)).await;
         let pid = match reply {
             Ok(Ok(Some(Frame::Started(pid)))) => pid,
-            Ok(Ok(Some(Frame::StartFailed(message)))) if message.starts_with("command not found") => {
-                return Err(SpawnError::CommandNotFound { command: spec.argv.first().cloned().unwrap_or_default() });
+            Ok(Ok(Some(Frame::StartFailed(message))))
+                if message.starts_with("command not found") =>
+            {
+                return Err(SpawnError::CommandNotFound {
+                    command: spec.argv.first().cloned().unwrap_or_default(),
+                });
             }
             Ok(Ok(Some(Frame::StartFailed(message)))) => {
-                return Err(SpawnError::RemoteStart { rank: spec.rank, host: spec.host.clone(), message });
+                return Err(SpawnError::RemoteStart {
+                    rank: spec.rank,
+                    host: spec.host.clone(),
+                    message,
+                });
             }
-            Ok(Ok(_)) => return Err(ssh_error("the agent closed the session before the rank started".into())),
+            Ok(Ok(_)) => {
+                return Err(ssh_error(
+                    "the agent closed the session before the rank started".into(),
+                ))
+            }
             Ok(Err(error)) => return Err(ssh_error(error.to_string())),
-            Err(_) => return Err(ssh_error("the agent did not answer the start request".into())),
+            Err(_) => {
+                return Err(ssh_error(
+                    "the agent did not answer the start request".into(),
+                ))
+            }
         };
 
         let (stdout_ours, stdout_theirs) = tokio::io::duplex(PIPE_BYTES);
@@ -120,7 +155,9 @@ impl SimSpawner {
 
         let host = spec.host.clone();
         let wait = Box::pin(async move {
-            exit_rx.await.unwrap_or_else(|_| Err(lost_error(&host, "the session task ended without a status")))
+            exit_rx.await.unwrap_or_else(|_| {
+                Err(lost_error(&host, "the session task ended without a status"))
+            })
         });
         Ok(Spawned {
             pid: Some(pid),
@@ -128,7 +165,11 @@ impl SimSpawner {
             stdout: Box::new(stdout_theirs) as ByteReader,
             stderr: Box::new(stderr_theirs) as ByteReader,
             wait,
-            control: Box::new(SimControl { rank: spec.rank, log: self.log.clone(), signals: signal_tx }),
+            control: Box::new(SimControl {
+                rank: spec.rank,
+                log: self.log.clone(),
+                signals: signal_tx,
+            }),
         })
     }
 }
@@ -140,7 +181,10 @@ impl Spawner for SimSpawner {
 }
 
 fn lost_error(host: &str, reason: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::ConnectionAborted, format!("the session to {host} was lost: {reason}"))
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        format!("the session to {host} was lost: {reason}"),
+    )
 }
 
 /// Forwards the supervisor's signals to the session task.
@@ -152,7 +196,10 @@ struct SimControl {
 
 impl RankControl for SimControl {
     fn signal(&self, signal: RankSignal) -> BoxFuture<'_, io::Result<()>> {
-        self.log.record(Event::LauncherSentSignal { rank: self.rank, signal: signal.as_nix().as_str().to_string() });
+        self.log.record(Event::LauncherSentSignal {
+            rank: self.rank,
+            signal: signal.as_nix().as_str().to_string(),
+        });
         // A session that already ended has nothing left to signal.
         let _ = self.signals.send(signal);
         Box::pin(async { Ok(()) })
@@ -183,7 +230,14 @@ impl Session {
         let writer_task = tokio::spawn(write_frames(writer, out_rx));
         let (in_tx, mut incoming) = mpsc::unbounded_channel();
         let (heard_tx, heard) = watch::channel(Instant::now());
-        let reader_task = tokio::spawn(read_frames(reader, outputs, in_tx, heard_tx, self.rank, self.log.clone()));
+        let reader_task = tokio::spawn(read_frames(
+            reader,
+            outputs,
+            in_tx,
+            heard_tx,
+            self.rank,
+            self.log.clone(),
+        ));
         let mut heartbeat = tokio::time::interval(self.options.keepalive_interval / 2);
         let mut stdin_buffer = vec![0u8; PIPE_BYTES];
 
@@ -239,7 +293,10 @@ impl Session {
     /// Reports the session lost unless the rank's status already arrived.
     fn lose(&mut self, reason: &str) {
         if self.exit.is_some() {
-            self.log.record(Event::SessionLost { rank: self.rank, reason: reason.to_string() });
+            self.log.record(Event::SessionLost {
+                rank: self.rank,
+                reason: reason.to_string(),
+            });
             let error = lost_error(&self.host, reason);
             self.finish(Err(error));
         }

@@ -58,7 +58,10 @@ pub fn sweep(
                     violations: result.violations,
                 };
                 progress(&outcome);
-                outcomes.lock().unwrap_or_else(|p| p.into_inner()).push(outcome);
+                outcomes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(outcome);
             });
         }
     });
@@ -79,9 +82,16 @@ pub fn shrink(spec: &RunSpec) -> (Schedule, RunResult) {
         return (schedule(spec, best.0), best.1);
     }
     let try_faults = |faults: &[TimedFault]| -> Option<RunResult> {
-        let candidate = RunSpec { faults: faults.to_vec(), ..spec.clone() };
+        let candidate = RunSpec {
+            faults: faults.to_vec(),
+            ..spec.clone()
+        };
         let result = cluster::run(&candidate);
-        result.violations.iter().any(|v| target.contains(&v.invariant)).then_some(result)
+        result
+            .violations
+            .iter()
+            .any(|v| target.contains(&v.invariant))
+            .then_some(result)
     };
 
     // Alternate both passes until neither helps: an earlier fault time can
@@ -121,7 +131,12 @@ pub fn shrink(spec: &RunSpec) -> (Schedule, RunResult) {
 }
 
 fn schedule(spec: &RunSpec, faults: Vec<TimedFault>) -> Schedule {
-    Schedule { scenario: spec.scenario.name.to_string(), seed: spec.seed, planted_bug: spec.planted_bug, faults }
+    Schedule {
+        scenario: spec.scenario.name.to_string(),
+        seed: spec.seed,
+        planted_bug: spec.planted_bug,
+        faults,
+    }
 }
 
 /// Runs `spec` twice and compares the event logs and outputs. Returns a
@@ -130,20 +145,30 @@ pub fn determinism(spec: &RunSpec) -> Result<RunResult, String> {
     let first = cluster::run(spec);
     let second = cluster::run(spec);
     let (a, b) = (&first.log, &second.log);
-    if let Some(index) = (0..a.records.len().min(b.records.len())).find(|&i| a.records[i] != b.records[i]) {
+    if let Some(index) =
+        (0..a.records.len().min(b.records.len())).find(|&i| a.records[i] != b.records[i])
+    {
         return Err(format!(
             "event {index} differs: {:?} in the first run, {:?} in the second",
             a.records[index], b.records[index]
         ));
     }
     if a.records.len() != b.records.len() {
-        return Err(format!("the first run logged {} events, the second {}", a.records.len(), b.records.len()));
+        return Err(format!(
+            "the first run logged {} events, the second {}",
+            a.records.len(),
+            b.records.len()
+        ));
     }
     if a.launcher_stdout != b.launcher_stdout || a.launcher_stderr != b.launcher_stderr {
         return Err("the launcher's output differs between the runs".to_string());
     }
     if first.exit_code() != second.exit_code() {
-        return Err(format!("exit code {:?} in the first run, {:?} in the second", first.exit_code(), second.exit_code()));
+        return Err(format!(
+            "exit code {:?} in the first run, {:?} in the second",
+            first.exit_code(),
+            second.exit_code()
+        ));
     }
     Ok(first)
 }

@@ -76,8 +76,15 @@ impl Frame {
     }
 
     fn parse(tag: u8, payload: Vec<u8>) -> io::Result<Frame> {
-        let invalid = || io::Error::new(io::ErrorKind::InvalidData, format!("invalid frame with tag {tag:#04x}"));
-        let int = |bytes: &[u8]| -> io::Result<i32> { Ok(i32::from_be_bytes(bytes.try_into().map_err(|_| invalid())?)) };
+        let invalid = || {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("invalid frame with tag {tag:#04x}"),
+            )
+        };
+        let int = |bytes: &[u8]| -> io::Result<i32> {
+            Ok(i32::from_be_bytes(bytes.try_into().map_err(|_| invalid())?))
+        };
         Ok(match tag {
             b'S' => Frame::Start(payload),
             b'I' => Frame::Stdin(payload),
@@ -117,7 +124,10 @@ pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> io::Result<Opti
     reader.read_exact(&mut header[1..]).await?;
     let len = u32::from_be_bytes(header[1..].try_into().expect("four bytes")) as usize;
     if len > MAX_PAYLOAD {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes is too large")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes is too large"),
+        ));
     }
     let mut payload = vec![0u8; len];
     reader.read_exact(&mut payload).await?;

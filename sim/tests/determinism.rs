@@ -10,9 +10,14 @@ fn same_seed_gives_same_event_log() {
     // launcher signals, so that every fault path takes part.
     for seed in [1, 3, 7, 21, 40] {
         let spec = RunSpec::from_seed(scenario::find("all-sum").unwrap(), seed);
-        let run = sweep::determinism(&spec)
-            .unwrap_or_else(|difference| panic!("seed {seed}: {difference}\nfaults: {:?}", spec.faults));
-        assert!(run.log.records.len() > 50, "seed {seed} logged only {} events", run.log.records.len());
+        let run = sweep::determinism(&spec).unwrap_or_else(|difference| {
+            panic!("seed {seed}: {difference}\nfaults: {:?}", spec.faults)
+        });
+        assert!(
+            run.log.records.len() > 50,
+            "seed {seed} logged only {} events",
+            run.log.records.len()
+        );
     }
 }
 

@@ -11,7 +11,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const PORT: u16 = 7000;
 
 fn sim() -> turmoil::Sim<'static> {
-    turmoil::Builder::new().rng_seed(1).simulation_duration(Duration::from_secs(60)).build()
+    turmoil::Builder::new()
+        .rng_seed(1)
+        .simulation_duration(Duration::from_secs(60))
+        .build()
 }
 
 fn any(port: u16) -> SocketAddr {
@@ -55,7 +58,11 @@ fn sim_net_bind_of_busy_port_is_addr_in_use() {
         let net = SimNet::default();
         let _listener = net.bind(any(PORT)).await?;
 
-        let error = net.bind(any(PORT)).await.err().expect("the second bind fails");
+        let error = net
+            .bind(any(PORT))
+            .await
+            .err()
+            .expect("the second bind fails");
 
         assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
         Ok(())
@@ -70,7 +77,11 @@ fn sim_net_bind_of_foreign_ip_is_addr_not_available() {
     sim.client("client", async {
         let foreign = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9)), PORT);
 
-        let error = SimNet::default().bind(foreign).await.err().expect("binding a foreign IP fails");
+        let error = SimNet::default()
+            .bind(foreign)
+            .await
+            .err()
+            .expect("binding a foreign IP fails");
 
         assert_eq!(error.kind(), io::ErrorKind::AddrNotAvailable);
         Ok(())
@@ -87,7 +98,10 @@ fn sim_net_connect_without_listener_is_refused() {
         Ok(())
     });
     sim.client("client", async {
-        let error = SimNet::default().connect(server_addr()).await.expect_err("nothing listens");
+        let error = SimNet::default()
+            .connect(server_addr())
+            .await
+            .expect_err("nothing listens");
 
         assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
         Ok(())
@@ -106,9 +120,14 @@ fn sim_net_connect_to_crashed_host_times_out() {
     });
     sim.crash("server");
     sim.client("client", async {
-        let net = SimNet { syn_timeout: Duration::from_secs(2) };
+        let net = SimNet {
+            syn_timeout: Duration::from_secs(2),
+        };
 
-        let error = net.connect(server_addr()).await.expect_err("the SYN is never answered");
+        let error = net
+            .connect(server_addr())
+            .await
+            .expect_err("the SYN is never answered");
 
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
         Ok(())
@@ -130,7 +149,10 @@ fn sim_net_connect_across_partition_is_refused() {
     sim.client("client", async {
         turmoil::partition("client", "server");
 
-        let error = SimNet::default().connect(server_addr()).await.expect_err("the SYN is dropped");
+        let error = SimNet::default()
+            .connect(server_addr())
+            .await
+            .expect_err("the SYN is dropped");
 
         assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
         Ok(())
