@@ -147,9 +147,13 @@ pub fn test_python() -> PathBuf {
     if let Some(python) = std::env::var_os("RINGLEADER_TEST_PYTHON") {
         return PathBuf::from(python);
     }
-    let repo_venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/mlx-venv/bin/python");
-    if let Ok(repo_venv) = std::fs::canonicalize(repo_venv) {
-        return repo_venv;
+    // Resolve the repository, not the interpreter: `bin/python` is a symlink
+    // to the base interpreter, which would run without the venv's packages.
+    if let Ok(repo) = std::fs::canonicalize(Path::new(env!("CARGO_MANIFEST_DIR")).join("..")) {
+        let repo_venv = repo.join(".cache/mlx-venv/bin/python");
+        if repo_venv.exists() {
+            return repo_venv;
+        }
     }
     PathBuf::from("/opt/mlx-venv/bin/python")
 }
