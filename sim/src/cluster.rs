@@ -241,7 +241,7 @@ fn start_launcher(
     let timing = spec.timing;
     let options = SupervisorOptions {
         grace: timing.grace,
-        timeout: None,
+        timeout: spec.scenario.timeout,
         tag_output: true,
         output_dir: None,
         kill_confirm: timing.kill_confirm,

@@ -23,6 +23,8 @@ pub struct Scenario {
     pub mix: FaultMix,
     /// Simulated time after which a launcher that has not returned counts as hung.
     pub deadline: Duration,
+    /// The launcher's `--timeout`, if any.
+    pub timeout: Option<Duration>,
 }
 
 impl Scenario {
@@ -63,6 +65,7 @@ pub fn all() -> Vec<Scenario> {
         fixed: Vec::new(),
         mix: FaultMix::NONE,
         deadline: Duration::from_secs(30),
+        timeout: None,
     };
     vec![
         Scenario {
@@ -149,6 +152,13 @@ pub fn all() -> Vec<Scenario> {
             hosts: 3,
             argv: argv(&["ignore-term"]),
             mix: FaultMix { min_faults: 1, max_faults: 2, links: false, ..any_fault },
+            ..base.clone()
+        },
+        Scenario {
+            name: "timeout",
+            about: "4 ranks hang and the launcher's --timeout of 500 ms stops them; must exit 124",
+            argv: argv(&["hang"]),
+            timeout: Some(Duration::from_millis(500)),
             ..base.clone()
         },
         Scenario {

@@ -352,3 +352,45 @@ fn clean_all_sum_exits_0_with_every_round_checked() {
         4 * 10
     );
 }
+
+#[test]
+fn second_launcher_signal_kills_at_once() {
+    let faults = vec![
+        at(100, Fault::InterruptLauncher),
+        at(300, Fault::InterruptLauncher),
+    ];
+    let result = run_with_faults("ignore-term", 17, faults);
+    let report = result.report.as_ref().unwrap();
+
+    assert_eq!(report.exit_code, 130);
+    let kill_sent = result.log.records.iter().find(
+        |r| matches!(&r.event, Event::LauncherSentSignal { signal, .. } if signal == "SIGKILL"),
+    );
+    let kill_ms = kill_sent.expect("SIGKILL went out").at_ms;
+    assert!(
+        kill_ms < 100 + 1000,
+        "SIGKILL waited for the grace period: {kill_ms} ms"
+    );
+    assert!(
+        kill_ms >= 300,
+        "SIGKILL went out before the second signal: {kill_ms} ms"
+    );
+}
+
+#[test]
+fn launcher_timeout_stops_hanging_ranks_with_124() {
+    let result = run_scenario("timeout", 18);
+    let report = result.report.as_ref().unwrap();
+
+    assert_eq!(report.exit_code, 124);
+    assert!(report.outcome.timed_out);
+    let first_stop = result
+        .log
+        .records
+        .iter()
+        .find(|r| matches!(r.event, Event::LauncherSentSignal { .. }));
+    assert!(
+        first_stop.is_some_and(|r| r.at_ms >= 500),
+        "the launcher stopped the ranks before --timeout"
+    );
+}
