@@ -322,13 +322,9 @@ fn default_ips(name: &str) -> Vec<String> {
 
 /// Rejects host names that ssh would read as options or that no host can have.
 pub fn check_host_name(name: &str) -> Result<(), String> {
-    if name.starts_with('-') {
-        return Err(format!("host {name:?} starts with '-', which ssh would read as an option"));
-    }
-    if let Some(c) = name.chars().find(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("host {name:?} contains the character {c:?}; host names cannot contain whitespace or control characters"));
-    }
-    Ok(())
+    // The ssh transport's rules, so that a host is rejected at parse time
+    // rather than when its rank starts.
+    crate::exec::ssh::validate_host(name).map_err(|error| format!("host {name:?}: {}", error.reason))
 }
 
 #[cfg(test)]
@@ -361,7 +357,9 @@ mod tests {
             ("", "host 0 is empty"),
             ("-oProxyCommand=x", "starts with '-'"),
             ("a b", "whitespace"),
-            ("a\nb", "whitespace or control"),
+            ("a\nb", "whitespace"),
+            ("a\u{7}b", "control character"),
+            ("a;b", "a character other than letters"),
         ];
         for (list, expected) in cases {
             let error = Hostfile::from_list(list, 1).unwrap_err().to_string();
@@ -440,7 +438,7 @@ mod tests {
             ("[{\"ips\": []}]", "host 0: field \"ssh\" is missing"),
             ("[{\"ssh\": \"\"}]", "host 0: field \"ssh\" is empty"),
             ("[{\"ssh\": 5}]", "field \"ssh\" must be a host name string"),
-            ("[{\"ssh\": \"a\"}, {\"ssh\": \"-oProxyCommand=x\"}]", "host 1: field \"ssh\" host \"-oProxyCommand=x\" starts with '-'"),
+            ("[{\"ssh\": \"a\"}, {\"ssh\": \"-oProxyCommand=x\"}]", "host 1: field \"ssh\" host \"-oProxyCommand=x\": it starts with '-'"),
             ("[{\"ssh\": \"a\", \"ips\": \"10.0.0.1\"}]", "field \"ips\" must be a list"),
             ("[{\"ssh\": \"a\", \"ips\": [\"node1\"]}]", "field \"ips\" contains \"node1\", which is not an IP address"),
             ("[{\"ssh\": \"a\", \"rdma\": 3}]", "field \"rdma\" must be a list"),
@@ -452,7 +450,7 @@ mod tests {
             ("[{\"ssh\": \"n[2-1]\"}]", "field \"ssh\" \"n[2-1]\": range element \"2-1\" counts down"),
             ("[{\"ssh\": \"n[1-2]\", \"ips\": [\"10.0.0.1\"]}]", "field \"ips\" cannot be given for \"n[1-2]\", which names 2 hosts"),
             ("[{\"ssh\": \"n[1-2]\", \"rdma\": []}]", "field \"rdma\" cannot be given"),
-            ("[{\"ssh\": \"-o[1-2]\"}]", "host \"-o1\" starts with '-'"),
+            ("[{\"ssh\": \"-o[1-2]\"}]", "host \"-o1\": it starts with '-'"),
         ];
         for (text, expected) in cases {
             let error = parse(text).unwrap_err();
