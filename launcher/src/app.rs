@@ -76,8 +76,8 @@ pub fn run(cli: Cli) -> i32 {
         .expect("a tokio runtime can be built");
     let code = runtime.block_on(launch(&cli, &plan));
     // A read of an idle stdin, or a write to a stalled stdout, may still be
-    // pending on a blocking thread; waiting for it would keep the launcher
-    // alive (and deaf to signals) after the job ended.
+    // pending on a blocking thread. Waiting for it would keep the launcher
+    // alive, and deaf to signals, after the job ended.
     runtime.shutdown_background();
     code
 }
@@ -146,7 +146,7 @@ async fn launch(cli: &Cli, plan: &LaunchPlan) -> i32 {
     report.exit_code
 }
 
-/// The ssh transport's settings from the command line.
+/// Builds the ssh transport's settings from the command line.
 fn ssh_options(cli: &Cli) -> SshOptions {
     let defaults = SshOptions::default();
     SshOptions {
@@ -360,12 +360,12 @@ fn same_file(a: i32, b: i32) -> bool {
 fn terminal_size() -> Option<(u16, u16)> {
     let mut size = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
     // SAFETY: TIOCGWINSZ writes one winsize into the pointer, which is valid
-    // for the duration of the call; fd 1 may be anything, and errors are checked.
+    // for the duration of the call. fd 1 may be anything, so errors are checked.
     let result = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) };
     (result == 0 && size.ws_col > 0).then_some((size.ws_col, size.ws_row))
 }
 
-/// The interpreter `--print-python` reports without `--python`: python3 from PATH.
+/// Returns the interpreter `--print-python` reports without `--python`: python3 from PATH.
 fn default_python() -> String {
     std::env::var_os("PATH")
         .and_then(|path| {

@@ -37,7 +37,7 @@ impl Host {
         }
     }
 
-    /// Whether the host is this machine, which runs ranks without ssh.
+    /// Returns whether the host is this machine, which runs ranks without ssh.
     pub fn is_local(&self) -> bool {
         is_local_name(&self.ssh)
     }
@@ -309,7 +309,7 @@ fn parse_target(
 }
 
 /// The ring addresses of a host listed without `ips`: itself when it is an IP
-/// address, 127.0.0.1 for `localhost`, else none (the ring backend then asks for them).
+/// address, 127.0.0.1 for `localhost`, else none (the ring backend then reports them missing).
 fn default_ips(name: &str) -> Vec<String> {
     if name == "localhost" {
         return vec!["127.0.0.1".to_string()];

@@ -9,10 +9,10 @@
 //! `\r`) owns the sink until it finishes the line, so its partial line shows
 //! at once while other sources' chunks wait.
 //!
-//! The writer ends a partial line with a `\n` of its own in two cases: other
-//! sources wait and the owner added nothing for [`LINE_HOLD`] (or held the
-//! sink for [`LINE_HOLD_MAX`], or starts redrawing with `\r`), or the owner's
-//! stream ended without a final newline and another source writes next.
+//! The writer ends a partial line with a `\n` of its own in two cases. In the
+//! first, other sources wait and the owner added nothing for [`LINE_HOLD`],
+//! owned the sink for [`LINE_HOLD_MAX`], or starts redrawing with `\r`. In the
+//! second, the owner's stream ended mid-line and another source writes next.
 //! Those newlines and `--tag-output` labels are the only bytes it adds.
 //!
 //! Memory stays bounded: a pump may have [`QUEUED_BYTES_PER_STREAM`] bytes
@@ -76,7 +76,7 @@ impl Message {
     }
 }
 
-/// What a writer task returns once every [`StreamWriter`] is gone.
+/// The result of a writer task, once every [`StreamWriter`] is gone.
 pub struct WriterEnd {
     pub sink: ByteWriter,
     /// Whether the last bytes written ended mid-line.
@@ -123,8 +123,8 @@ impl StreamWriter {
     /// last byte reached the sink.
     ///
     /// Complete lines go out as soon as they are read. A partial line at the
-    /// end of a read waits up to [`PARTIAL_LINE_DELAY`] for the rest, then
-    /// goes out on its own, so a prompt or progress bar shows at once while
+    /// end of a read waits up to [`PARTIAL_LINE_DELAY`] for the rest and then
+    /// goes out on its own. A prompt or progress bar thus shows at once, and
     /// a line written in several pieces is sent whole.
     pub async fn pump(&self, source: usize, mut reader: ByteReader, mut copy: Option<ByteWriter>) {
         let credits = Arc::new(Semaphore::new(QUEUED_BYTES_PER_STREAM));
@@ -222,8 +222,8 @@ impl Writer {
                 message = rx.recv(), if open => match message {
                     Some(message) => {
                         self.accept(message).await;
-                        // Writes collect in the buffer while more are queued;
-                        // the sink sees them as soon as the queue runs dry.
+                        // Writes collect in the buffer while more are queued,
+                        // and reach the sink as soon as the queue runs dry.
                         if rx.is_empty() {
                             self.flush().await;
                         }

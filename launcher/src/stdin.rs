@@ -2,8 +2,8 @@
 //!
 //! Reading starts only once every rank has started or failed to, so no rank
 //! misses the beginning. Each rank gets its own writer task with a small
-//! queue; a rank that does not read its stdin slows the broadcast down once
-//! its queue and pipe are full, and one that exited is dropped from it. EOF
+//! queue. A rank that does not read its stdin slows the broadcast down once
+//! its queue and pipe are full, and a rank that exited is dropped from it. EOF
 //! on the launcher's stdin closes every rank's stdin.
 
 use std::sync::Arc;
@@ -18,8 +18,8 @@ const QUEUE_CHUNKS: usize = 4;
 
 const READ_SIZE: usize = 64 * 1024;
 
-/// Where rank tasks hand over their stdin writers. Dropping every clone
-/// tells the broadcaster that all ranks have started.
+/// The place where rank tasks hand over their stdin writers. Dropping every
+/// clone signals the broadcaster that all ranks have started.
 #[derive(Clone)]
 pub struct Registry {
     tx: Option<mpsc::UnboundedSender<(usize, ByteWriter)>>,
@@ -35,8 +35,8 @@ impl Registry {
 
 /// Starts the broadcast task. Without `stdin`, or when no rank takes stdin,
 /// the launcher's stdin is never read and registered writers are closed.
-pub fn start_broadcast(stdin: Option<ByteReader>, wanted: bool) -> Registry {
-    let Some(stdin) = stdin.filter(|_| wanted) else {
+pub fn start_broadcast(stdin: Option<ByteReader>, any_rank_reads: bool) -> Registry {
+    let Some(stdin) = stdin.filter(|_| any_rank_reads) else {
         return Registry { tx: None };
     };
     let (tx, rx) = mpsc::unbounded_channel();

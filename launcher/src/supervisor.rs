@@ -58,8 +58,8 @@ enum Event {
     Started { rank: usize, pid: Option<u32> },
     SpawnFailed { rank: usize, error: String },
     Ended { rank: usize, result: io::Result<Termination> },
-    /// Everything the rank wrote has reached the launcher's streams (or
-    /// stopped waiting for output a stray process holds open).
+    /// Everything the rank wrote has reached the launcher's streams, or the
+    /// task stopped waiting for a pipe that a stray process keeps open.
     Finished { rank: usize },
 }
 
@@ -91,8 +91,8 @@ pub async fn supervise(
     supervise_with_hooks(ranks, spawner, options, io, SimulatorHooks::default()).await
 }
 
-/// What the simulator changes in [`supervise`]; the `ringleader` command
-/// line never sets these, and the defaults change nothing.
+/// Simulator settings for [`supervise`]. The `ringleader` command line
+/// never sets them, and the defaults change nothing.
 #[doc(hidden)]
 #[derive(Default)]
 pub struct SimulatorHooks {
@@ -100,8 +100,8 @@ pub struct SimulatorHooks {
     /// finds and shrinks a real teardown bug: the supervisor never signals
     /// this rank.
     pub forget_rank: Option<usize>,
-    /// Where the summary goes when `io.stderr` is still held by a rank that
-    /// was not confirmed dead; the process's stderr when `None`.
+    /// Destination of the summary when a rank that was not confirmed dead
+    /// still keeps `io.stderr`. `None` means the process's stderr.
     pub summary_fallback: Option<ByteWriter>,
 }
 
@@ -169,8 +169,8 @@ pub async fn supervise_with_hooks(
     }
 
     let report = supervisor.into_report();
-    // The writers finish once every rank task dropped its clone; tasks of
-    // ranks not confirmed dead may still hold theirs, so do not wait for them.
+    // The writers finish once every rank task dropped its clone. Tasks of
+    // ranks not confirmed dead may still keep theirs, so the wait is bounded.
     let ended = tokio::time::timeout(Duration::from_secs(1), async {
         let stdout_end = stdout_done.await.ok();
         let stderr_end = match stderr_done {

@@ -68,7 +68,7 @@ fn timeout_stops_the_job_with_124() {
 }
 
 /// Starts ranks that each run `rank_script_prefix`, start a grandchild
-/// tagged with `marker` and print "ready"; rank 1 exits 3 once it reads a
+/// tagged with `marker` and print "ready". Rank 1 exits 3 once it reads a
 /// line from stdin.
 fn start_job_with_grandchildren(extra: &[&str], marker: &str, rank_script_prefix: &str) -> std::process::Child {
     let script = format!(

@@ -150,7 +150,8 @@ fn shared_stdout_and_stderr_keep_lines_whole() {
     let mut counts = [0usize; 2];
     for (number, line) in output.stdout_text().lines().enumerate() {
         let fields: Vec<&str> = line.split(' ').collect();
-        assert!(fields.len() == 4 && fields[3] == "abcdefghijklmnopqrstuvwxyz", "line {number} is spliced: {line:?}");
+        assert_eq!(fields.len(), 4, "line {number} is spliced: {line:?}");
+        assert_eq!(fields[3], "abcdefghijklmnopqrstuvwxyz", "line {number} is spliced: {line:?}");
         counts[fields[1].parse::<usize>().unwrap()] += 1;
     }
     assert_eq!(counts, [200000, 200000]);

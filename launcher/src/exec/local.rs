@@ -32,7 +32,7 @@ impl LocalSpawner {
 }
 
 impl Default for LocalSpawner {
-    /// A spawner with the launcher's default grace period of 5 seconds.
+    /// Creates a spawner with the launcher's default grace period of 5 seconds.
     fn default() -> LocalSpawner {
         LocalSpawner::new(Duration::from_secs(5))
     }
@@ -140,7 +140,7 @@ fn spawn_local(spec: &RankSpec, grace: Duration) -> Result<Spawned, SpawnError> 
     })
 }
 
-/// What the rank's control and wait future share.
+/// State shared by the rank's control and its wait future.
 #[derive(Debug, Default)]
 struct GroupState {
     /// Set once the group leader has been reaped.
@@ -161,8 +161,8 @@ impl RankControl for LocalControl {
     fn signal(&self, signal: RankSignal) -> BoxFuture<'_, io::Result<()>> {
         self.state.signalled.store(true, Ordering::Release);
         // The group id cannot be reused while any member of the group lives,
-        // so signalling it after the leader was reaped reaches only leftovers;
-        // an empty group gives ESRCH.
+        // so signalling it after the leader was reaped reaches only leftovers.
+        // An empty group gives ESRCH.
         let result = match killpg(self.group, signal.as_nix()) {
             Ok(()) | Err(Errno::ESRCH) => Ok(()),
             // macOS reports EPERM for a group whose members are all zombies.

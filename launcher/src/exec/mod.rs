@@ -1,6 +1,6 @@
 //! The process transport: how one rank's command starts on one host.
 //!
-//! The supervisor only sees [`Spawner`] and the [`Spawned`] handle it returns,
+//! The supervisor uses only [`Spawner`] and the [`Spawned`] handle it returns,
 //! so the same supervision code drives local child processes, ranks behind
 //! OpenSSH and simulated ranks. A spawner must give every rank its own process
 //! group (or the simulated equivalent) so that a signal reaches everything the
@@ -30,7 +30,7 @@ pub type ByteWriter = Box<dyn AsyncWrite + Send + Unpin>;
 #[derive(Clone, Debug)]
 pub struct RankSpec {
     pub rank: usize,
-    /// Where the rank runs: the ssh destination, or a loopback name for local ranks.
+    /// The rank's host: the ssh destination, or a loopback name for local ranks.
     pub host: String,
     /// Optional ssh login user, port and identity file from the hostfile.
     pub ssh: SshTarget,
@@ -66,7 +66,7 @@ pub struct RankFile {
     pub contents: std::sync::Arc<str>,
 }
 
-/// How a rank ended.
+/// The way a rank ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Termination {
     Exited(i32),

@@ -106,7 +106,8 @@ async fn stalled_partial_line_is_ended_after_hold() {
     let text = harness.finish().await;
     assert!(text.contains("b-line\n"), "{text:?}");
     for line in text.lines() {
-        assert!(!(line.contains("Continue") && line.contains("b-line")), "spliced: {text:?}");
+        let spliced = line.contains("Continue") && line.contains("b-line");
+        assert!(!spliced, "spliced: {text:?}");
     }
 }
 

@@ -3,7 +3,7 @@
 use crate::exec::{RankSpec, Termination};
 use crate::exit::{LauncherSignal, Outcome};
 
-/// Why the launcher stopped ranks.
+/// The reason the launcher stopped ranks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StopCause {
     RankFailed(usize),
@@ -21,7 +21,7 @@ impl StopCause {
     }
 }
 
-/// Where a rank is in its life.
+/// The stage a rank has reached.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RankState {
     Starting,
@@ -62,7 +62,7 @@ impl RankReport {
         }
     }
 
-    /// Whether the rank may still be running.
+    /// Returns whether the rank may still be running.
     pub fn is_alive(&self) -> bool {
         matches!(self.state, RankState::Starting | RankState::Running)
     }
