@@ -15,6 +15,17 @@ use testcontainers::bollard::query_parameters::KillContainerOptions;
 use crate::cluster::{exec_in, refresh_node_addresses, Cluster};
 use crate::error::{Error, Result};
 
+/// sshd forks into the background before it binds its port, and writes its
+/// pid file only once the port is bound: the pid file is the ready signal.
+/// The wait is bounded so a broken sshd fails the call instead of hanging it.
+const START_SSHD_SCRIPT: &str = "/usr/sbin/sshd || exit
+tries=0
+while [ ! -s /run/sshd.pid ]; do
+    tries=$((tries + 1))
+    if [ \"$tries\" -gt 200 ]; then echo 'sshd wrote no pid file within 10 s' >&2; exit 1; fi
+    sleep 0.05
+done";
+
 impl Cluster {
     /// Send SIGKILL to the node's container; the container stops at once.
     pub async fn kill(&self, index: usize) -> Result<()> {
@@ -127,9 +138,10 @@ impl Cluster {
             .await
     }
 
-    /// Start the node's sshd again after [`Cluster::stop_sshd`].
+    /// Start the node's sshd again after [`Cluster::stop_sshd`], and return
+    /// once it accepts connections.
     pub async fn start_sshd(&self, index: usize) -> Result<()> {
-        self.run_checked(index, &["/usr/sbin/sshd"]).await
+        self.run_checked(index, &["sh", "-c", START_SSHD_SCRIPT]).await
     }
 
     async fn run_checked(&self, index: usize, argv: &[&str]) -> Result<()> {
