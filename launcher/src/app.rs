@@ -335,8 +335,21 @@ impl HostSpawner {
             true => Some(SshSpawner::new(options.clone())?),
             false => None,
         };
-        Ok(HostSpawner { local: LocalSpawner::new(options.grace), remote })
+        let local = match guard_program() {
+            Some(program) => LocalSpawner::with_guard(options.grace, program),
+            None => LocalSpawner::new(options.grace),
+        };
+        Ok(HostSpawner { local, remote })
     }
+}
+
+/// The running `ringleader` binary, started again as the guard of local
+/// ranks. On Linux, /proc/self/exe works even after the file was replaced.
+fn guard_program() -> Option<PathBuf> {
+    if cfg!(target_os = "linux") {
+        return Some(PathBuf::from("/proc/self/exe"));
+    }
+    std::env::current_exe().ok()
 }
 
 impl Spawner for HostSpawner {

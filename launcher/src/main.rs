@@ -6,6 +6,7 @@ fn main() {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let subcommand = args.get(1).and_then(|arg| arg.to_str());
     let code = match subcommand {
+        Some(ringleader::exec::guard::GUARD_SUBCOMMAND) => ringleader::exec::guard::run(&args[2..]),
         Some(name @ ("config" | "doctor")) => {
             let args = std::iter::once(format!("ringleader {name}").into()).chain(args[2..].iter().cloned());
             init_tracing(false);

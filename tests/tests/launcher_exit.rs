@@ -190,3 +190,34 @@ fn background_leftovers_of_a_finished_rank_are_stopped() {
     assert!(output.elapsed < Duration::from_secs(20), "{:?}", output.elapsed);
     assert_eq!(survivors_after(&marker, Duration::from_secs(5)), Vec::<u32>::new());
 }
+
+#[test]
+fn killed_launcher_leaves_no_local_rank() {
+    let marker = unique_marker("orphaned");
+    let env = format!("TEST_MARKER={marker}");
+    let mut command = ringleader(["-n", "3", "--grace", "1", "--stdin", "none", "--env", &env, "--"]);
+    // Rank 2 and its child ignore SIGTERM, so only SIGKILL stops them.
+    command.args(sh(r#"if [ "$MLX_RANK" = 2 ]; then trap '' TERM; fi; sleep 300 & echo ready; wait"#));
+    let mut child = start(&mut command);
+    let mut lines = lines_of(child.stdout.take().unwrap());
+    read_until(&mut lines, "ready", 3);
+
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
+    let output = finish(child);
+    assert_eq!(output.code(), None, "the launcher was killed");
+    assert_eq!(survivors_after(&marker, Duration::from_secs(10)), Vec::<u32>::new());
+    let stderr = output.stderr_text();
+    assert!(stderr.contains("ended without stopping its ranks; sent SIGTERM to 3"), "{stderr}");
+    assert!(stderr.contains("1 rank process group(s) outlived the grace period"), "{stderr}");
+}
+
+#[test]
+fn guard_exits_with_the_launcher() {
+    let mut command = ringleader(["-n", "2", "--", "true"]);
+    let child = start(&mut command);
+    let guard_arguments = format!("__guard\0{}\0", child.id());
+    let output = finish(child);
+    assert_eq!(output.code(), Some(0));
+    assert_eq!(survivors_after(&guard_arguments, Duration::from_secs(10)), Vec::<u32>::new());
+    assert!(output.stderr.is_empty(), "{}", output.stderr_text());
+}

@@ -3,8 +3,9 @@
 use std::io::{self, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -13,6 +14,7 @@ use nix::unistd::Pid;
 use tokio::process::Command;
 use tokio::time::Instant;
 
+use super::guard::Guard;
 use super::{BoxFuture, RankControl, RankSignal, RankSpec, SpawnError, Spawned, Spawner, Termination};
 
 /// How often [`RankControl::finish`] checks whether a rank's leftovers are gone.
@@ -23,11 +25,47 @@ const LEFTOVER_POLL: Duration = Duration::from_millis(20);
 pub struct LocalSpawner {
     /// Time leftovers of a rank get between SIGTERM and SIGKILL.
     grace: Duration,
+    /// The program to start as the [`Guard`], if the spawner uses one.
+    guard_program: Option<PathBuf>,
+    /// The guard, started with the first rank; `None` inside when it failed to start.
+    guard: OnceLock<Option<Arc<Guard>>>,
 }
 
 impl LocalSpawner {
+    /// Creates a spawner whose ranks live only as long as the launcher
+    /// tears them down: a launcher killed with SIGKILL leaves them running.
     pub fn new(grace: Duration) -> LocalSpawner {
-        LocalSpawner { grace }
+        LocalSpawner {
+            grace,
+            guard_program: None,
+            guard: OnceLock::new(),
+        }
+    }
+
+    /// Creates a spawner that also starts `program` (the `ringleader`
+    /// binary) as a [`Guard`] with its first rank, so ranks are stopped
+    /// even when the launcher dies without tearing them down.
+    pub fn with_guard(grace: Duration, program: PathBuf) -> LocalSpawner {
+        LocalSpawner {
+            guard_program: Some(program),
+            ..LocalSpawner::new(grace)
+        }
+    }
+
+    fn guard(&self) -> Option<Arc<Guard>> {
+        let program = self.guard_program.as_deref()?;
+        let guard = self.guard.get_or_init(|| match Guard::start(program, self.grace) {
+            Ok(guard) => Some(Arc::new(guard)),
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    program = %program.display(),
+                    "cannot start the guard process; local ranks will keep running if the launcher is killed with SIGKILL"
+                );
+                None
+            }
+        });
+        guard.clone()
     }
 }
 
@@ -40,11 +78,11 @@ impl Default for LocalSpawner {
 
 impl Spawner for LocalSpawner {
     fn spawn<'a>(&'a self, spec: &'a RankSpec) -> BoxFuture<'a, Result<Spawned, SpawnError>> {
-        Box::pin(async move { spawn_local(spec, self.grace) })
+        Box::pin(async move { spawn_local(spec, self.grace, self.guard()) })
     }
 }
 
-fn spawn_local(spec: &RankSpec, grace: Duration) -> Result<Spawned, SpawnError> {
+fn spawn_local(spec: &RankSpec, grace: Duration, guard: Option<Arc<Guard>>) -> Result<Spawned, SpawnError> {
     let io_error = |source: io::Error| SpawnError::Io {
         rank: spec.rank,
         host: spec.host.clone(),
@@ -107,6 +145,9 @@ fn spawn_local(spec: &RankSpec, grace: Duration) -> Result<Spawned, SpawnError> 
         _ => io_error(source),
     })?;
     let pid = child.id().expect("a child that was just spawned has not been reaped");
+    if let Some(guard) = &guard {
+        guard.watch(pid as i32);
+    }
     let state = Arc::new(GroupState::default());
 
     let stdout = Box::new(child.stdout.take().expect("stdout is piped"));
@@ -136,6 +177,7 @@ fn spawn_local(spec: &RankSpec, grace: Duration) -> Result<Spawned, SpawnError> 
             group: Pid::from_raw(pid as i32),
             state,
             grace,
+            guard,
         }),
     })
 }
@@ -155,6 +197,20 @@ struct LocalControl {
     group: Pid,
     state: Arc<GroupState>,
     grace: Duration,
+    guard: Option<Arc<Guard>>,
+}
+
+impl Drop for LocalControl {
+    /// Releases the group from the guard once it is empty. A group that
+    /// still has members stays with the guard, which stops it when the
+    /// launcher exits.
+    fn drop(&mut self) {
+        if let Some(guard) = &self.guard {
+            if self.state.reaped.load(Ordering::Acquire) && !group_alive(self.group) {
+                guard.release(self.group.as_raw());
+            }
+        }
+    }
 }
 
 impl RankControl for LocalControl {
@@ -199,7 +255,7 @@ impl RankControl for LocalControl {
 
 /// Returns whether any process of `group` is alive. Zombies do not count:
 /// where nothing reaps orphans (PID 1 in some containers), they linger.
-fn group_alive(group: Pid) -> bool {
+pub(crate) fn group_alive(group: Pid) -> bool {
     match killpg(group, None) {
         Err(_) => false,
         Ok(()) => !cfg!(target_os = "linux") || has_live_member(group),

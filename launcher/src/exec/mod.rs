@@ -6,6 +6,7 @@
 //! group (or the simulated equivalent) so that a signal reaches everything the
 //! rank started.
 
+pub mod guard;
 pub mod local;
 pub mod ssh;
 

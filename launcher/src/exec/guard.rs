@@ -1,0 +1,214 @@
+//! The guard: a helper process that stops local ranks when the launcher dies
+//! without tearing the job down (SIGKILL, the OOM killer, a crash).
+//!
+//! The launcher starts the guard before its first local rank and keeps a pipe
+//! to its stdin. It writes `+PGID` when a rank's process group starts and
+//! `-PGID` once the group is empty. The kernel closes the pipe however the
+//! launcher ends, so the guard reads end-of-file then. Groups still listed at
+//! that point lost their launcher: the guard sends them SIGTERM, and SIGKILL
+//! after the grace period, as the launcher's own teardown does.
+//!
+//! After a normal exit every group was removed, and the guard exits at once.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::io::{self, BufRead, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, signal, SigHandler, Signal};
+use nix::unistd::Pid;
+
+use super::local::group_alive;
+
+/// First argument that makes the `ringleader` binary run as a guard.
+pub const GUARD_SUBCOMMAND: &str = "__guard";
+
+/// How often the guard checks whether the groups it stopped are gone.
+const POLL: Duration = Duration::from_millis(20);
+
+/// The launcher's end of a running guard.
+#[derive(Debug)]
+pub struct Guard {
+    stdin: Mutex<ChildStdin>,
+    /// The guard's handle, never waited for: the guard ends on its own once
+    /// the pipe closes, and outlives a launcher that is killed.
+    _child: Child,
+}
+
+impl Guard {
+    /// Starts `program __guard LAUNCHER_PID GRACE_SECONDS` in its own process
+    /// group, so the terminal's Ctrl-C and Ctrl-Z reach only the launcher.
+    pub fn start(program: &Path, grace: Duration) -> io::Result<Guard> {
+        let mut command = Command::new(program);
+        command
+            .arg(GUARD_SUBCOMMAND)
+            .arg(std::process::id().to_string())
+            .arg(grace.as_secs_f64().to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        // `ps` shows the guard as `ringleader __guard ...` even when
+        // `program` is /proc/self/exe.
+        std::os::unix::process::CommandExt::arg0(&mut command, "ringleader");
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let mut child = command.spawn()?;
+        let stdin = child.stdin.take().expect("stdin is piped");
+        Ok(Guard {
+            stdin: Mutex::new(stdin),
+            _child: child,
+        })
+    }
+
+    /// Asks the guard to stop `group` if the launcher dies.
+    pub fn watch(&self, group: i32) {
+        self.send(&format!("+{group}\n"));
+    }
+
+    /// Tells the guard that `group` is empty and no longer its concern.
+    pub fn release(&self, group: i32) {
+        self.send(&format!("-{group}\n"));
+    }
+
+    fn send(&self, line: &str) {
+        let mut stdin = self.stdin.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Err(error) = stdin.write_all(line.as_bytes()) {
+            tracing::debug!(%error, "the guard process is gone; ranks will not be stopped if the launcher is killed");
+        }
+    }
+}
+
+/// Runs the guard: `args` are the arguments after [`GUARD_SUBCOMMAND`].
+/// Returns the process's exit code.
+pub fn run(args: &[OsString]) -> i32 {
+    let parsed = match args {
+        [launcher, grace] => launcher
+            .to_str()
+            .and_then(|text| text.parse::<u32>().ok())
+            .zip(grace.to_str().and_then(|text| text.parse::<f64>().ok()))
+            .filter(|(_, grace)| grace.is_finite() && *grace >= 0.0),
+        _ => None,
+    };
+    let Some((launcher, grace)) = parsed else {
+        report(&format!("error: {GUARD_SUBCOMMAND} is internal to the launcher and expects LAUNCHER_PID GRACE_SECONDS"));
+        return crate::exit::USAGE;
+    };
+
+    // The guard ends when its stdin does, not on the signals that end a
+    // launcher, so it can still clean up after one.
+    for signal_kind in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGTSTP,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
+        Signal::SIGPIPE,
+    ] {
+        // SAFETY: SIG_IGN installs no handler code.
+        let _ = unsafe { signal(signal_kind, SigHandler::SigIgn) };
+    }
+
+    let groups = read_groups(io::stdin().lock());
+    stop_orphaned_groups(launcher, &groups, Duration::from_secs_f64(grace));
+    crate::exit::SUCCESS
+}
+
+/// Reads `+PGID` and `-PGID` lines until end-of-file and returns the groups
+/// added and not removed. Malformed lines are skipped.
+fn read_groups(input: impl BufRead) -> BTreeSet<i32> {
+    let mut groups = BTreeSet::new();
+    for line in input.lines() {
+        let Ok(line) = line else { break };
+        let (sign, number) = line.split_at(line.len().min(1));
+        let Ok(group) = number.parse::<i32>() else {
+            continue;
+        };
+        if group <= 1 {
+            continue;
+        }
+        match sign {
+            "+" => {
+                groups.insert(group);
+            }
+            "-" => {
+                groups.remove(&group);
+            }
+            _ => {}
+        }
+    }
+    groups
+}
+
+/// Sends SIGTERM to every live group, then SIGKILL to those still alive
+/// after `grace`.
+fn stop_orphaned_groups(launcher: u32, groups: &BTreeSet<i32>, grace: Duration) {
+    // NOTE: a group that emptied just before the launcher died, and whose
+    // id a new process took within that moment, would be signalled too.
+    // Group ids are not reused while any member lives, so this needs a
+    // group that was already empty and an id reused within milliseconds.
+    let mut alive: Vec<Pid> = groups.iter().map(|&group| Pid::from_raw(group)).filter(|&group| group_alive(group)).collect();
+    if alive.is_empty() {
+        return;
+    }
+    for &group in &alive {
+        let _ = killpg(group, Signal::SIGTERM);
+    }
+    report(&format!(
+        "the launcher (pid {launcher}) ended without stopping its ranks; sent SIGTERM to {} rank process group(s)",
+        alive.len()
+    ));
+
+    let deadline = Instant::now() + grace;
+    loop {
+        alive.retain(|&group| group_alive(group));
+        if alive.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    for &group in &alive {
+        let _ = killpg(group, Signal::SIGKILL);
+    }
+    report(&format!(
+        "{} rank process group(s) outlived the grace period of {:?}; sent SIGKILL",
+        alive.len(),
+        grace
+    ));
+}
+
+/// Writes one line to stderr. A closed stderr must not stop the cleanup, so
+/// write errors are ignored (`eprintln!` would panic).
+fn report(message: &str) {
+    let _ = writeln!(io::stderr(), "ringleader: {message}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_added_and_not_removed_remain() {
+        let input = "+100\n+200\n-100\n+300\n";
+        assert_eq!(read_groups(input.as_bytes()), BTreeSet::from([200, 300]));
+    }
+
+    #[test]
+    fn malformed_and_dangerous_lines_are_skipped() {
+        // 0, 1 and negative ids would signal the launcher's own group, init
+        // or every process, so they never enter the set.
+        let input = "+0\n+1\n+-5\nhello\n\n+\n*42\n+77\n";
+        assert_eq!(read_groups(input.as_bytes()), BTreeSet::from([77]));
+    }
+
+    #[test]
+    fn unterminated_last_line_counts() {
+        assert_eq!(read_groups("+12".as_bytes()), BTreeSet::from([12]));
+    }
+}
