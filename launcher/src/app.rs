@@ -315,6 +315,7 @@ fn run_mpi(cli: &Cli, command: &MpiCommand) -> i32 {
             grace: Duration::from_secs_f64(cli.grace),
             timeout: cli.timeout.filter(|seconds| *seconds > 0.0).map(Duration::from_secs_f64),
             stdin: cli.stdin != crate::cli::StdinMode::None,
+            guard_program: guard_program(),
         };
         mpi::run(command, &options, signals).await
     })

@@ -39,6 +39,7 @@ use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use tokio::sync::mpsc;
 
+use crate::exec::guard::Guard;
 use crate::exit::{self, LauncherSignal};
 use crate::hostfile::Host;
 
@@ -268,6 +269,9 @@ pub struct RunOptions {
     pub timeout: Option<Duration>,
     /// Whether mpirun reads the launcher's stdin (it forwards it to rank 0).
     pub stdin: bool,
+    /// The `ringleader` binary to start as a [`Guard`] of mpirun's process
+    /// group, so a killed launcher does not leave mpirun and its ranks running.
+    pub guard_program: Option<PathBuf>,
 }
 
 /// Runs mpirun to the end and returns the launcher's exit code: mpirun's
@@ -300,6 +304,16 @@ pub async fn run(
         }
     };
     let pid = Pid::from_raw(child.id().expect("a just-started child has a pid") as i32);
+    let guard = options.guard_program.as_deref().and_then(|program| match Guard::start(program, options.grace) {
+        Ok(guard) => Some(guard),
+        Err(error) => {
+            tracing::warn!(%error, "cannot start the guard process; mpirun will keep running if the launcher is killed with SIGKILL");
+            None
+        }
+    });
+    if let Some(guard) = &guard {
+        guard.watch(pid.as_raw());
+    }
 
     let mut interrupted: Option<LauncherSignal> = None;
     let mut timed_out = false;
@@ -333,6 +347,9 @@ pub async fn run(
     };
     // Whatever mpirun left in its process group would outlive the job.
     let _ = killpg(pid, Signal::SIGKILL);
+    if let Some(guard) = &guard {
+        guard.release(pid.as_raw());
+    }
     drop(hostfile);
 
     if let Some(signal) = interrupted {

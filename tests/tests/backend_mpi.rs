@@ -167,3 +167,21 @@ fn unsupported_output_options_are_rejected() {
         assert!(output.stderr_text().contains("the mpi backend does not support"), "{option}: {}", output.stderr_text());
     }
 }
+
+#[test]
+fn killed_launcher_leaves_no_mpi_rank() {
+    let marker = unique_marker("mpi-orphaned");
+    let env = format!("TEST_MARKER={marker}");
+    let mut child = start(&mut mpi_launch(&[
+        "-n", "2", "--grace", "5", "--env", &env, "--", "sh", "-c", "echo up; exec sleep 300",
+    ]));
+    let mut lines = lines_of(child.stdout.take().unwrap());
+    read_until(&mut lines, "up", 2);
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let output = finish(child);
+
+    assert_eq!(output.code(), None, "the launcher was killed");
+    assert_eq!(survivors_after(&marker, Duration::from_secs(15)), Vec::<u32>::new());
+    assert!(output.stderr_text().contains("ended without stopping its ranks"), "{}", output.stderr_text());
+}
