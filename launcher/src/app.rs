@@ -135,6 +135,12 @@ async fn launch(cli: &Cli, plan: &LaunchPlan) -> i32 {
         }
     };
     let report = supervisor::supervise(&plan.ranks, spawner.clone(), options, io).await;
+    for process in spawner.local.stop_escaped().await {
+        eprintln!(
+            "ringleader: process {} ({}) had left its rank's process group and outlived the job; stopped it",
+            process.pid, process.command
+        );
+    }
     if let Some(remote) = &spawner.remote {
         for rank in remote.unconfirmed_ranks() {
             eprintln!(

@@ -304,7 +304,7 @@ pub async fn run(
         }
     };
     let pid = Pid::from_raw(child.id().expect("a just-started child has a pid") as i32);
-    let guard = options.guard_program.as_deref().and_then(|program| match Guard::start(program, options.grace) {
+    let guard = options.guard_program.as_deref().and_then(|program| match Guard::start(program, options.grace, None) {
         Ok(guard) => Some(guard),
         Err(error) => {
             tracing::warn!(%error, "cannot start the guard process; mpirun will keep running if the launcher is killed with SIGKILL");

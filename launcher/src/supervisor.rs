@@ -26,6 +26,10 @@ mod report;
 
 pub use report::{summary, RankReport, RankState, Report, StopCause};
 
+/// Time a rank's output may take to reach end-of-file after its process
+/// group is gone, before the rank's escaped processes are looked for.
+const ESCAPE_CHECK_DELAY: Duration = Duration::from_millis(100);
+
 /// Supervision settings from the command line.
 #[derive(Clone, Debug)]
 pub struct SupervisorOptions {
@@ -399,6 +403,15 @@ impl RankTask {
                 let _ = pump_out.await;
                 let _ = pump_err.await;
             };
+            tokio::pin!(pumps);
+            if tokio::time::timeout(ESCAPE_CHECK_DELAY, &mut pumps).await.is_ok() {
+                return;
+            }
+            // Pipes still open after the group is gone are usually held by
+            // a process that left the group.
+            for process in control.stop_escaped().await {
+                tracing::warn!(rank, %process, "a process had left the rank's process group and kept its output open; stopped it");
+            }
             if tokio::time::timeout(drain_limit, pumps).await.is_err() {
                 tracing::warn!(
                     rank,

@@ -221,3 +221,78 @@ fn guard_exits_with_the_launcher() {
     assert_eq!(survivors_after(&guard_arguments, Duration::from_secs(10)), Vec::<u32>::new());
     assert!(output.stderr.is_empty(), "{}", output.stderr_text());
 }
+
+/// A rank script that starts `sleep 300` in a session of its own, and
+/// returns once that process has left the rank's process group. `prefix`
+/// and `redirect` go before and after the `setsid` command.
+fn escape_script(prefix: &str, redirect: &str) -> String {
+    format!(
+        r#"{prefix} setsid sh -c 'echo $$ > "$DIR/escaped-$MLX_RANK"; exec sleep 300' {redirect} &
+while [ ! -s "$DIR/escaped-$MLX_RANK" ]; do sleep 0.01; done"#
+    )
+}
+
+#[test]
+fn escaped_process_is_stopped_after_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = unique_marker("escaped");
+    let env = format!("TEST_MARKER={marker}");
+    let dir_env = format!("DIR={}", dir.path().display());
+    let output = launch(&["-n", "2", "--env", &env, "--env", &dir_env], &escape_script("", ""));
+
+    assert_eq!(output.code(), Some(0), "{}", output.stderr_text());
+    assert_eq!(survivors_after(&marker, Duration::from_secs(10)), Vec::<u32>::new());
+    let stderr = output.stderr_text();
+    assert_eq!(stderr.matches("had left the rank's process group").count(), 2, "{stderr}");
+}
+
+#[test]
+fn process_without_job_id_may_outlive_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = unique_marker("opted-out");
+    let env = format!("TEST_MARKER={marker}");
+    let dir_env = format!("DIR={}", dir.path().display());
+    let output = launch(&["--env", &env, "--env", &dir_env], &escape_script("env -u RINGLEADER_JOB_ID", ">/dev/null 2>&1"));
+
+    let survivors = ringleader_tests::processes_with(&marker);
+    for &pid in &survivors {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    assert_eq!(output.code(), Some(0), "{}", output.stderr_text());
+    assert_eq!(survivors.len(), 1, "the process without the job id was stopped");
+    assert!(output.stderr.is_empty(), "{}", output.stderr_text());
+}
+
+#[test]
+fn killed_launcher_also_stops_escaped_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = unique_marker("escaped-orphan");
+    let env = format!("TEST_MARKER={marker}");
+    let dir_env = format!("DIR={}", dir.path().display());
+    let mut command = ringleader(["--stdin", "none", "--env", &env, "--env", &dir_env, "--"]);
+    command.args(sh(&format!("{}\necho ready; exec sleep 300", escape_script("", ""))));
+    let mut child = start(&mut command);
+    let mut lines = lines_of(child.stdout.take().unwrap());
+    read_until(&mut lines, "ready", 1);
+
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
+    let output = finish(child);
+    assert_eq!(output.code(), None, "the launcher was killed");
+    assert_eq!(survivors_after(&marker, Duration::from_secs(10)), Vec::<u32>::new());
+    let stderr = output.stderr_text();
+    assert!(stderr.contains("stopped 1 process(es) of the job that had left"), "{stderr}");
+}
+
+#[test]
+fn detached_process_is_stopped_at_job_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = unique_marker("detached");
+    let env = format!("TEST_MARKER={marker}");
+    let dir_env = format!("DIR={}", dir.path().display());
+    let output = launch(&["--env", &env, "--env", &dir_env], &escape_script("", ">/dev/null 2>&1"));
+
+    assert_eq!(output.code(), Some(0), "{}", output.stderr_text());
+    assert_eq!(survivors_after(&marker, Duration::from_secs(10)), Vec::<u32>::new());
+    let stderr = output.stderr_text();
+    assert!(stderr.contains("had left its rank's process group and outlived the job"), "{stderr}");
+}

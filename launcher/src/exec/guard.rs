@@ -2,13 +2,17 @@
 //! without tearing the job down (SIGKILL, the OOM killer, a crash).
 //!
 //! The launcher starts the guard before its first local rank and keeps a pipe
-//! to its stdin. It writes `+PGID` when a rank's process group starts and
-//! `-PGID` once the group is empty. The kernel closes the pipe however the
-//! launcher ends, so the guard reads end-of-file then. Groups still listed at
-//! that point lost their launcher: the guard sends them SIGTERM, and SIGKILL
-//! after the grace period, as the launcher's own teardown does.
+//! to its stdin. It writes `+PGID` when a rank's process group starts,
+//! `-PGID` once the group is empty, and `done` once it has also stopped the
+//! processes that left their groups (see [`super::job_marker`]). The kernel
+//! closes the pipe however the launcher ends, so the guard reads end-of-file
+//! then. Groups still listed at that point lost their launcher: the guard
+//! sends them SIGTERM, and SIGKILL after the grace period, as the launcher's
+//! own teardown does. Without `done`, it then stops the job's marked
+//! processes the same way.
 //!
-//! After a normal exit every group was removed, and the guard exits at once.
+//! After a normal exit every group was removed and `done` was sent, so the
+//! guard exits at once.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -21,6 +25,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{killpg, signal, SigHandler, Signal};
 use nix::unistd::Pid;
 
+use super::job_marker;
 use super::local::group_alive;
 
 /// First argument that makes the `ringleader` binary run as a guard.
@@ -39,14 +44,16 @@ pub struct Guard {
 }
 
 impl Guard {
-    /// Starts `program __guard LAUNCHER_PID GRACE_SECONDS` in its own process
-    /// group, so the terminal's Ctrl-C and Ctrl-Z reach only the launcher.
-    pub fn start(program: &Path, grace: Duration) -> io::Result<Guard> {
+    /// Starts `program __guard LAUNCHER_PID GRACE_SECONDS [JOB_ID]` in its own
+    /// process group, so the terminal's Ctrl-C and Ctrl-Z reach only the
+    /// launcher. `job_id` is the value of the job marker, if the job has one.
+    pub fn start(program: &Path, grace: Duration, job_id: Option<&str>) -> io::Result<Guard> {
         let mut command = Command::new(program);
         command
             .arg(GUARD_SUBCOMMAND)
             .arg(std::process::id().to_string())
             .arg(grace.as_secs_f64().to_string())
+            .args(job_id)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
@@ -72,6 +79,11 @@ impl Guard {
         self.send(&format!("-{group}\n"));
     }
 
+    /// Tells the guard that the launcher stopped every process of the job.
+    pub fn done(&self) {
+        self.send("done\n");
+    }
+
     fn send(&self, line: &str) {
         let mut stdin = self.stdin.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Err(error) = stdin.write_all(line.as_bytes()) {
@@ -83,18 +95,23 @@ impl Guard {
 /// Runs the guard: `args` are the arguments after [`GUARD_SUBCOMMAND`].
 /// Returns the process's exit code.
 pub fn run(args: &[OsString]) -> i32 {
-    let parsed = match args {
-        [launcher, grace] => launcher
-            .to_str()
-            .and_then(|text| text.parse::<u32>().ok())
-            .zip(grace.to_str().and_then(|text| text.parse::<f64>().ok()))
-            .filter(|(_, grace)| grace.is_finite() && *grace >= 0.0),
+    let text: Option<Vec<&str>> = args.iter().map(|arg| arg.to_str()).collect();
+    let parsed = match text.as_deref() {
+        Some([launcher, grace, job_id @ ..]) if job_id.len() <= 1 => launcher
+            .parse::<u32>()
+            .ok()
+            .zip(grace.parse::<f64>().ok())
+            .filter(|(_, grace)| grace.is_finite() && *grace >= 0.0)
+            .map(|(launcher, grace)| (launcher, grace, job_id.first().copied())),
         _ => None,
     };
-    let Some((launcher, grace)) = parsed else {
-        report(&format!("error: {GUARD_SUBCOMMAND} is internal to the launcher and expects LAUNCHER_PID GRACE_SECONDS"));
+    let Some((launcher, grace, job_id)) = parsed else {
+        report(&format!(
+            "error: {GUARD_SUBCOMMAND} is internal to the launcher and expects LAUNCHER_PID GRACE_SECONDS [JOB_ID]"
+        ));
         return crate::exit::USAGE;
     };
+    let grace = Duration::from_secs_f64(grace);
 
     // The guard ends when its stdin does, not on the signals that end a
     // launcher, so it can still clean up after one.
@@ -112,17 +129,40 @@ pub fn run(args: &[OsString]) -> i32 {
         let _ = unsafe { signal(signal_kind, SigHandler::SigIgn) };
     }
 
-    let groups = read_groups(io::stdin().lock());
-    stop_orphaned_groups(launcher, &groups, Duration::from_secs_f64(grace));
+    let messages = read_messages(io::stdin().lock());
+    stop_orphaned_groups(launcher, &messages.groups, grace);
+    if let (Some(job_id), false) = (job_id, messages.done) {
+        let escaped = job_marker::stop_job_processes_blocking(&job_marker::Selector::job(job_id), grace);
+        if !escaped.is_empty() {
+            report(&format!(
+                "stopped {} process(es) of the job that had left their rank's process group",
+                escaped.len()
+            ));
+        }
+    }
     crate::exit::SUCCESS
 }
 
-/// Reads `+PGID` and `-PGID` lines until end-of-file and returns the groups
-/// added and not removed. Malformed lines are skipped.
-fn read_groups(input: impl BufRead) -> BTreeSet<i32> {
-    let mut groups = BTreeSet::new();
+/// What the launcher wrote to the guard before the pipe closed.
+#[derive(Debug, Default, PartialEq)]
+struct Messages {
+    /// Groups added and not removed.
+    groups: BTreeSet<i32>,
+    /// Whether the launcher said it stopped every process of the job.
+    done: bool,
+}
+
+/// Reads `+PGID`, `-PGID` and `done` lines until end-of-file. Malformed
+/// lines are skipped.
+fn read_messages(input: impl BufRead) -> Messages {
+    let mut messages = Messages::default();
+    let groups = &mut messages.groups;
     for line in input.lines() {
         let Ok(line) = line else { break };
+        if line == "done" {
+            messages.done = true;
+            continue;
+        }
         let (sign, number) = line.split_at(line.len().min(1));
         let Ok(group) = number.parse::<i32>() else {
             continue;
@@ -140,7 +180,7 @@ fn read_groups(input: impl BufRead) -> BTreeSet<i32> {
             _ => {}
         }
     }
-    groups
+    messages
 }
 
 /// Sends SIGTERM to every live group, then SIGKILL to those still alive
@@ -195,20 +235,28 @@ mod tests {
 
     #[test]
     fn groups_added_and_not_removed_remain() {
-        let input = "+100\n+200\n-100\n+300\n";
-        assert_eq!(read_groups(input.as_bytes()), BTreeSet::from([200, 300]));
+        let messages = read_messages("+100\n+200\n-100\n+300\n".as_bytes());
+        assert_eq!(messages.groups, BTreeSet::from([200, 300]));
+        assert!(!messages.done);
     }
 
     #[test]
     fn malformed_and_dangerous_lines_are_skipped() {
         // 0, 1 and negative ids would signal the launcher's own group, init
         // or every process, so they never enter the set.
-        let input = "+0\n+1\n+-5\nhello\n\n+\n*42\n+77\n";
-        assert_eq!(read_groups(input.as_bytes()), BTreeSet::from([77]));
+        let messages = read_messages("+0\n+1\n+-5\nhello\n\n+\n*42\n+77\ndone!\n".as_bytes());
+        assert_eq!(messages.groups, BTreeSet::from([77]));
+        assert!(!messages.done);
+    }
+
+    #[test]
+    fn done_is_recorded() {
+        let messages = read_messages("+5\n-5\ndone\n".as_bytes());
+        assert_eq!(messages, Messages { groups: BTreeSet::new(), done: true });
     }
 
     #[test]
     fn unterminated_last_line_counts() {
-        assert_eq!(read_groups("+12".as_bytes()), BTreeSet::from([12]));
+        assert_eq!(read_messages("+12".as_bytes()).groups, BTreeSet::from([12]));
     }
 }

@@ -15,6 +15,7 @@ use tokio::process::Command;
 use tokio::time::Instant;
 
 use super::guard::Guard;
+use super::job_marker::{self, MarkedProcess, Selector, JOB_ID_VAR};
 use super::{BoxFuture, RankControl, RankSignal, RankSpec, SpawnError, Spawned, Spawner, Termination};
 
 /// How often [`RankControl::finish`] checks whether a rank's leftovers are gone.
@@ -29,6 +30,11 @@ pub struct LocalSpawner {
     guard_program: Option<PathBuf>,
     /// The guard, started with the first rank; `None` inside when it failed to start.
     guard: OnceLock<Option<Arc<Guard>>>,
+    /// The value of [`JOB_ID_VAR`] in every rank's environment.
+    job_id: String,
+    /// Set once a rank was started, so a job without local ranks skips the
+    /// search for escaped processes.
+    started: AtomicBool,
 }
 
 impl LocalSpawner {
@@ -39,6 +45,8 @@ impl LocalSpawner {
             grace,
             guard_program: None,
             guard: OnceLock::new(),
+            job_id: job_marker::new_job_id(),
+            started: AtomicBool::new(false),
         }
     }
 
@@ -54,7 +62,7 @@ impl LocalSpawner {
 
     fn guard(&self) -> Option<Arc<Guard>> {
         let program = self.guard_program.as_deref()?;
-        let guard = self.guard.get_or_init(|| match Guard::start(program, self.grace) {
+        let guard = self.guard.get_or_init(|| match Guard::start(program, self.grace, Some(&self.job_id)) {
             Ok(guard) => Some(Arc::new(guard)),
             Err(error) => {
                 tracing::warn!(
@@ -67,6 +75,21 @@ impl LocalSpawner {
         });
         guard.clone()
     }
+
+    /// Stops the processes of this spawner's ranks that left their rank's
+    /// process group and are still running after the ranks ended: SIGTERM,
+    /// then SIGKILL after the grace period. Call it once every rank was
+    /// reaped. Returns the processes found (the launcher reports them).
+    pub async fn stop_escaped(&self) -> Vec<MarkedProcess> {
+        if !self.started.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let escaped = job_marker::stop_job_processes(&Selector::job(&self.job_id), self.grace).await;
+        if let Some(Some(guard)) = self.guard.get() {
+            guard.done();
+        }
+        escaped
+    }
 }
 
 impl Default for LocalSpawner {
@@ -78,11 +101,19 @@ impl Default for LocalSpawner {
 
 impl Spawner for LocalSpawner {
     fn spawn<'a>(&'a self, spec: &'a RankSpec) -> BoxFuture<'a, Result<Spawned, SpawnError>> {
-        Box::pin(async move { spawn_local(spec, self.grace, self.guard()) })
+        Box::pin(async move {
+            self.started.store(true, Ordering::Release);
+            spawn_local(spec, self.grace, self.guard(), &self.job_id)
+        })
     }
 }
 
-fn spawn_local(spec: &RankSpec, grace: Duration, guard: Option<Arc<Guard>>) -> Result<Spawned, SpawnError> {
+fn spawn_local(
+    spec: &RankSpec,
+    grace: Duration,
+    guard: Option<Arc<Guard>>,
+    job_id: &str,
+) -> Result<Spawned, SpawnError> {
     let io_error = |source: io::Error| SpawnError::Io {
         rank: spec.rank,
         host: spec.host.clone(),
@@ -97,6 +128,7 @@ fn spawn_local(spec: &RankSpec, grace: Duration, guard: Option<Arc<Guard>>) -> R
     command
         .args(args)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .env(JOB_ID_VAR, job_id)
         .stdin(if spec.stdin { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -145,6 +177,7 @@ fn spawn_local(spec: &RankSpec, grace: Duration, guard: Option<Arc<Guard>>) -> R
         _ => io_error(source),
     })?;
     let pid = child.id().expect("a child that was just spawned has not been reaped");
+    let rank_value = spec.env.iter().rev().find(|(name, _)| name == "MLX_RANK").map(|(_, value)| value.as_str());
     if let Some(guard) = &guard {
         guard.watch(pid as i32);
     }
@@ -178,6 +211,7 @@ fn spawn_local(spec: &RankSpec, grace: Duration, guard: Option<Arc<Guard>>) -> R
             state,
             grace,
             guard,
+            escaped: rank_value.map(|rank| Selector::rank(job_id, rank)),
         }),
     })
 }
@@ -198,6 +232,9 @@ struct LocalControl {
     state: Arc<GroupState>,
     grace: Duration,
     guard: Option<Arc<Guard>>,
+    /// Selects the rank's processes by their variables; `None` when the rank
+    /// has no `MLX_RANK` to tell its processes from other ranks'.
+    escaped: Option<Selector>,
 }
 
 impl Drop for LocalControl {
@@ -249,6 +286,16 @@ impl RankControl for LocalControl {
                 }
                 tokio::time::sleep(LEFTOVER_POLL).await;
             }
+        })
+    }
+
+    fn stop_escaped(&self) -> BoxFuture<'_, Vec<String>> {
+        Box::pin(async move {
+            let Some(selector) = &self.escaped else {
+                return Vec::new();
+            };
+            let stopped = job_marker::stop_job_processes(selector, self.grace).await;
+            stopped.iter().map(|process| format!("pid {} ({})", process.pid, process.command)).collect()
         })
     }
 }

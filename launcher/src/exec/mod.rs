@@ -7,6 +7,7 @@
 //! rank started.
 
 pub mod guard;
+pub mod job_marker;
 pub mod local;
 pub mod ssh;
 
@@ -123,6 +124,14 @@ pub trait RankControl: Send + Sync {
     /// does nothing, for transports whose remote side cleans up by itself.
     fn finish(&self) -> BoxFuture<'_, ()> {
         Box::pin(std::future::ready(()))
+    }
+
+    /// Stops processes the rank started that left its process group (by
+    /// `setsid`, for example) and still run after [`RankControl::finish`]:
+    /// SIGTERM, then SIGKILL after the grace period. Returns a description
+    /// of each, for the log. The default finds none.
+    fn stop_escaped(&self) -> BoxFuture<'_, Vec<String>> {
+        Box::pin(std::future::ready(Vec::new()))
     }
 }
 
