@@ -124,6 +124,36 @@ fn interrupted_launcher_stops_remote_ranks() {
     assert_eq!(survivors_after(&marker, TEARDOWN_BOUND), Vec::<u32>::new());
 }
 
+/// Ctrl-C on a terminal sends SIGINT to the launcher's whole foreground
+/// process group, not only to the launcher.
+#[test]
+fn ctrl_c_on_the_terminal_interrupts_remote_ranks() {
+    use std::os::unix::process::CommandExt;
+
+    let sshd = Sshd::start();
+    let marker = unique_marker("ssh-ctrl-c");
+    let env = format!("TEST_MARKER={marker}");
+    let mut command = remote_job(
+        &sshd,
+        &HOST_ALIASES[..2],
+        &["--stdin", "none", "--env", &env],
+        "trap 'echo got INT; exit 5' INT; echo ready; while :; do sleep 0.1; done",
+    );
+    command.process_group(0);
+    let mut child = start(&mut command);
+    let mut lines = lines_of(child.stdout.take().unwrap());
+    read_until(&mut lines, "ready", 2);
+
+    nix::sys::signal::killpg(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    let rest: Vec<String> = lines.collect();
+    let output = finish(child);
+
+    assert_eq!(output.code(), Some(130), "{}", output.stderr_text());
+    assert_eq!(rest.iter().filter(|line| *line == "got INT").count(), 2, "{rest:?}");
+    assert!(!output.stderr_text().contains("exit code 255"), "{}", output.stderr_text());
+    assert_eq!(survivors_after(&marker, TEARDOWN_BOUND), Vec::<u32>::new());
+}
+
 #[test]
 fn killed_launcher_leaves_no_remote_rank() {
     let sshd = Sshd::start();

@@ -141,6 +141,7 @@ impl Pool {
             .arg("--")
             .arg(&entry.host)
             .stdin(Stdio::null())
+            .process_group(0)
             .kill_on_drop(true)
             .output()
             .await
@@ -289,6 +290,9 @@ impl Link {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Out of the launcher's process group, so Ctrl-C on the terminal
+            // reaches the launcher, which forwards it, and not ssh itself.
+            .process_group(0)
             .kill_on_drop(true);
         let mut child = command
             .spawn()

@@ -167,6 +167,9 @@ fn ssh_command(pool: &Pool, spec: &RankSpec, session: &Session, log_path: &PathB
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // Out of the launcher's process group, so Ctrl-C on the terminal
+        // reaches the launcher, which forwards it, and not ssh itself.
+        .process_group(0)
         // Only when the runtime shuts down: then the agent stops the remote side.
         .kill_on_drop(true);
     command
