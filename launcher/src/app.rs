@@ -113,11 +113,25 @@ async fn launch(cli: &Cli, plan: &LaunchPlan) -> i32 {
             return exit::FAILURE;
         }
     };
+    // A launcher started in the background (`ringleader ... &`) would be
+    // stopped by SIGTTIN at its first read of the terminal, so it leaves the
+    // terminal alone, as other background jobs do. With SIGTTIN ignored, a
+    // launcher moved to the background later (Ctrl-Z, then `bg`) gets EIO
+    // instead and closes the ranks' stdin.
+    // SAFETY: SIG_IGN installs no handler code.
+    unsafe { libc::signal(libc::SIGTTIN, libc::SIG_IGN) };
+    let stdin: Option<crate::exec::ByteReader> = match stdin_is_background_terminal() {
+        true => {
+            tracing::debug!("stdin is a terminal of another process group; not forwarding it");
+            None
+        }
+        false => Some(Box::new(tokio::io::stdin())),
+    };
     let io = LauncherIo {
         merge_streams: same_file(libc::STDOUT_FILENO, libc::STDERR_FILENO),
         stdout: Box::new(tokio::io::stdout()),
         stderr: Box::new(tokio::io::stderr()),
-        stdin: Some(Box::new(tokio::io::stdin())),
+        stdin,
         signals,
     };
     let options = SupervisorOptions {
@@ -374,6 +388,15 @@ fn same_file(a: i32, b: i32) -> bool {
         (Ok(a), Ok(b)) => a.st_dev == b.st_dev && a.st_ino == b.st_ino,
         _ => false,
     }
+}
+
+/// Returns whether stdin is a terminal whose foreground process group is not
+/// the launcher's, as for a job started with `&` from an interactive shell.
+fn stdin_is_background_terminal() -> bool {
+    // SAFETY: both calls only read process state; fd 0 may be anything,
+    // and tcgetpgrp reports an error for what is not a terminal.
+    let (foreground, own) = unsafe { (libc::tcgetpgrp(libc::STDIN_FILENO), libc::getpgrp()) };
+    foreground > 0 && foreground != own
 }
 
 /// Columns and lines of the terminal on the launcher's stdout, if it is one.

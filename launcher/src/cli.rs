@@ -93,7 +93,9 @@ pub struct Cli {
     #[arg(long, help_heading = "Ranks")]
     pub print_python: bool,
 
-    /// Ranks that receive the launcher's stdin.
+    /// Ranks that receive the launcher's stdin. A launcher started in the
+    /// background (`&`) leaves the terminal alone, and with --backend mpi,
+    /// mpirun passes stdin to rank 0 only.
     #[arg(long, value_enum, default_value_t = StdinMode::All, value_name = "WHO", help_heading = "Ranks")]
     pub stdin: StdinMode,
 
