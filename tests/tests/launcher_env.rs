@@ -60,6 +60,24 @@ fn one_rank_job_gets_no_hostfile() {
     assert_eq!(output.stdout_text(), "rank=0 size=1 hostfile=unset\n");
 }
 
+/// A launcher started inside another job's rank inherits its MLX_HOSTFILE.
+#[test]
+fn inherited_hostfile_never_reaches_ranks() {
+    let script = r#"echo "$MLX_RANK:${MLX_HOSTFILE-unset}""#;
+    for ranks in ["1", "2"] {
+        let mut command = ringleader(["-n", ranks, "--", "sh", "-c", script]);
+        command.env("MLX_HOSTFILE", "/outer/job/hostfile");
+        let output = run(&mut command, b"");
+
+        assert_eq!(output.code(), Some(0), "{}", output.stderr_text());
+        let stdout = output.stdout_text();
+        assert!(!stdout.contains("/outer/job/hostfile"), "-n {ranks}: {stdout}");
+        if ranks == "1" {
+            assert_eq!(stdout, "0:unset\n");
+        }
+    }
+}
+
 #[test]
 fn env_flags_set_and_forward_values() {
     let dir = tempfile::tempdir().unwrap();

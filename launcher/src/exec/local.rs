@@ -18,6 +18,9 @@ use super::guard::Guard;
 use super::job_marker::{self, MarkedProcess, Selector, JOB_ID_VAR};
 use super::{BoxFuture, RankControl, RankSignal, RankSpec, SpawnError, Spawned, Spawner, Termination};
 
+/// The variable that points MLX's ring backend at its address table.
+const RING_TABLE_VAR: &str = "MLX_HOSTFILE";
+
 /// How often [`RankControl::finish`] checks whether a rank's leftovers are gone.
 const LEFTOVER_POLL: Duration = Duration::from_millis(20);
 
@@ -153,6 +156,14 @@ fn spawn_local(
             command.current_dir(dir);
         }
         _ => {}
+    }
+
+    // A launcher running inside another job's rank inherits that job's ring
+    // table. MLX would join it, so a rank gets this job's table or none.
+    let sets_hostfile = spec.env.iter().any(|(name, _)| name == RING_TABLE_VAR)
+        || spec.files.iter().any(|file| file.env_var == RING_TABLE_VAR);
+    if !sets_hostfile {
+        command.env_remove(RING_TABLE_VAR);
     }
 
     let mut files = Vec::with_capacity(spec.files.len());
