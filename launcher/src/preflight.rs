@@ -28,11 +28,12 @@ pub enum PreflightError {
     MissingInterpreter { path: PathBuf, interpreter: String },
     #[error("ring port {port} of rank {rank} ({address}) is already in use\nhint: another job may be running; choose other ports with --starting-port")]
     PortBusy { rank: usize, port: u16, address: String },
-    #[error("--output-dir {}: cannot create the directory", path.display())]
+    #[error("--output-dir {}: {reason}\nhint: pass a directory you can write to, or one that can be created", path.display())]
     OutputDir {
         path: PathBuf,
+        reason: &'static str,
         #[source]
-        source: io::Error,
+        source: Option<io::Error>,
     },
 }
 
@@ -47,11 +48,27 @@ pub fn check(plan: &LaunchPlan, output_dir: Option<&Path>) -> Result<(), Preflig
         check_ring_ports(plan)?;
     }
     if let Some(dir) = output_dir {
-        std::fs::create_dir_all(dir).map_err(|source| PreflightError::OutputDir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        check_output_dir(dir)?;
     }
+    Ok(())
+}
+
+/// Creates the output directory if needed and checks that files can be
+/// created in it, with a probe file that is removed at once.
+fn check_output_dir(dir: &Path) -> Result<(), PreflightError> {
+    let error = |reason, source| PreflightError::OutputDir {
+        path: dir.to_path_buf(),
+        reason,
+        source,
+    };
+    if dir.exists() && !dir.is_dir() {
+        return Err(error("exists and is not a directory", None));
+    }
+    std::fs::create_dir_all(dir).map_err(|source| error("cannot create the directory", Some(source)))?;
+    tempfile::Builder::new()
+        .prefix(".ringleader-probe-")
+        .tempfile_in(dir)
+        .map_err(|source| error("cannot create files in the directory", Some(source)))?;
     Ok(())
 }
 

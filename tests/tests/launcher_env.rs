@@ -149,6 +149,15 @@ fn invalid_input_exits_2_with_a_clear_message() {
     let no_ips = write("no_ips.json", "[{\"ssh\": \"127.0.0.1\", \"ips\": []}, {\"ssh\": \"127.0.0.1\", \"ips\": []}]");
     let script = write("script.sh", "echo hi\n");
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // root may write to a directory with mode 0555, but nobody to /proc/1.
+    let read_only = if nix::unistd::geteuid().is_root() {
+        "/proc/1".to_string()
+    } else {
+        let path = dir.path().join("read-only");
+        std::fs::create_dir(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o555)).unwrap();
+        path.to_str().unwrap().to_string()
+    };
 
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--hosts", "a,,b", "true"], "host 1 is empty"),
@@ -167,6 +176,8 @@ fn invalid_input_exits_2_with_a_clear_message() {
         (vec!["--hostfile", &no_ips, "true"], "host 0 (127.0.0.1) has none"),
         (vec!["-n", "0", "true"], "0 is not in 1"),
         (vec!["--grace", "soon", "true"], "invalid number of seconds"),
+        (vec!["--output-dir", &script, "true"], "exists and is not a directory"),
+        (vec!["--output-dir", &read_only, "true"], "cannot create files in the directory"),
         (vec![], "required"),
     ];
     for (args, expected) in cases {
