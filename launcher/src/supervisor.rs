@@ -30,6 +30,11 @@ pub use report::{summary, RankReport, RankState, Report, StopCause};
 /// group is gone, before the rank's escaped processes are looked for.
 const ESCAPE_CHECK_DELAY: Duration = Duration::from_millis(100);
 
+/// A signal equal to the previous one and this close to it is the same
+/// request delivered twice (GNU timeout signals the launcher, then its whole
+/// process group), not a second request to stop at once.
+const SIGNAL_REPEAT_WINDOW: Duration = Duration::from_millis(250);
+
 /// Supervision settings from the command line.
 #[derive(Clone, Debug)]
 pub struct SupervisorOptions {
@@ -82,6 +87,8 @@ struct Supervisor {
     options: SupervisorOptions,
     /// The rank [`SimulatorHooks::forget_rank`] names, which the planted bug never signals.
     forgotten: Option<usize>,
+    /// The launcher's last signal and when it arrived.
+    last_signal: Option<(LauncherSignal, Instant)>,
 }
 
 /// Runs the job described by `ranks` to completion and returns its report.
@@ -234,6 +241,7 @@ impl Supervisor {
             stopping: None,
             kill_at: None,
             give_up_at: None,
+            last_signal: None,
             options,
             forgotten: None,
         }
@@ -287,6 +295,18 @@ impl Supervisor {
 
     fn on_signal(&mut self, signal: LauncherSignal) {
         tracing::info!(signal = signal.name(), "launcher received a signal");
+        let now = Instant::now();
+        let repeat = self
+            .last_signal
+            .is_some_and(|(last, at)| last == signal && now.duration_since(at) < SIGNAL_REPEAT_WINDOW);
+        self.last_signal = Some((signal, now));
+        if repeat {
+            // timeout(1) and a terminal's process-group signals can deliver
+            // one request twice within microseconds; only a later one means
+            // "stop now".
+            tracing::debug!(signal = signal.name(), "the same signal again at once; taken as one request");
+            return;
+        }
         if self.stopping.is_none() {
             self.outcome.interrupted = Some(signal);
             self.stop(StopCause::Signal(signal));

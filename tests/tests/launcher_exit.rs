@@ -145,14 +145,44 @@ fn second_signal_kills_at_once() {
     read_until(&mut lines, "ready", 2);
 
     // Two signals sent back to back may merge into one delivery, so the
-    // second goes out only after the launcher logged the first.
+    // second goes out only after the launcher logged the first, and after
+    // the 250 ms in which the launcher takes the same signal as a repeat of
+    // the first request.
     let pid = Pid::from_raw(child.id() as i32);
     kill(pid, Signal::SIGINT).unwrap();
     read_until(&mut log, "launcher received a signal", 1);
+    std::thread::sleep(Duration::from_millis(400));
     kill(pid, Signal::SIGINT).unwrap();
     let output = finish(child);
     assert_eq!(output.code(), Some(130));
     assert!(output.elapsed < Duration::from_secs(30), "the second SIGINT did not kill at once");
+    assert_eq!(survivors_after(&marker, Duration::from_secs(5)), Vec::<u32>::new());
+}
+
+/// GNU timeout sends SIGTERM to the launcher and then to its whole process
+/// group, so the launcher gets the same signal twice at once.
+#[test]
+fn same_signal_twice_at_once_keeps_the_grace_period() {
+    let marker = unique_marker("repeat");
+    let env = format!("TEST_MARKER={marker}");
+    let mut command = ringleader(["-n", "2", "--grace", "30", "--stdin", "none", "--verbose", "--env", &env, "--"]);
+    command.args(sh("trap 'sleep 0.5; echo saved; exit 0' TERM; echo ready; while :; do sleep 0.05; done"));
+    let mut child = start(&mut command);
+    let mut lines = lines_of(child.stdout.take().unwrap());
+    let mut log = lines_of(child.stderr.take().unwrap());
+    read_until(&mut lines, "ready", 2);
+
+    let pid = Pid::from_raw(child.id() as i32);
+    kill(pid, Signal::SIGTERM).unwrap();
+    read_until(&mut log, "launcher received a signal", 1);
+    kill(pid, Signal::SIGTERM).unwrap();
+    let rest: Vec<String> = lines.collect();
+    let log: Vec<String> = log.collect();
+    let output = finish(child);
+
+    assert_eq!(output.code(), Some(143));
+    assert_eq!(rest.iter().filter(|line| *line == "saved").count(), 2, "{rest:?}\n{log:?}");
+    assert!(!log.iter().any(|line| line.contains("SIGKILL")), "{log:?}");
     assert_eq!(survivors_after(&marker, Duration::from_secs(5)), Vec::<u32>::new());
 }
 
