@@ -218,6 +218,7 @@ fn spawn_local(
         stderr,
         wait,
         control: Box::new(LocalControl {
+            rank: spec.rank,
             group: Pid::from_raw(pid as i32),
             state,
             grace,
@@ -238,6 +239,7 @@ struct GroupState {
 
 /// Signals a local rank's process group.
 struct LocalControl {
+    rank: usize,
     /// Process group id, equal to the rank's pid since it leads its own group.
     group: Pid,
     state: Arc<GroupState>,
@@ -285,13 +287,17 @@ impl RankControl for LocalControl {
             // grace period it gave them; a second SIGTERM could interrupt
             // their shutdown.
             if !self.state.signalled.load(Ordering::Acquire) {
-                tracing::debug!(group = %self.group, "the rank left processes behind; sending SIGTERM");
+                tracing::warn!(
+                    rank = self.rank,
+                    group = %self.group,
+                    "the rank ended but left processes in its process group; sending them SIGTERM (a job ends with its ranks)"
+                );
                 let _ = killpg(self.group, Signal::SIGTERM);
             }
             let deadline = Instant::now() + self.grace;
             while group_alive(self.group) {
                 if Instant::now() >= deadline {
-                    tracing::debug!(group = %self.group, "leftovers outlived the grace period; sending SIGKILL");
+                    tracing::warn!(rank = self.rank, group = %self.group, "the rank's leftover processes outlived the grace period; sending SIGKILL");
                     let _ = killpg(self.group, Signal::SIGKILL);
                     return;
                 }
