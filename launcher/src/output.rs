@@ -112,6 +112,7 @@ pub fn start_writer(
         held: VecDeque::new(),
         scratch: Vec::new(),
         broken: broken.clone(),
+        failed: false,
     };
     let handle = tokio::spawn(writer.run(rx));
     (StreamWriter { tx, broken }, handle)
@@ -155,7 +156,8 @@ impl StreamWriter {
             };
             if let Some(file) = copy.as_mut() {
                 if let Err(error) = file.write_all(&buffer[..n]).await {
-                    tracing::warn!(source, %error, "writing the rank's output file failed; the file is incomplete");
+                    let (rank, stream) = (source / 2, if source % 2 == 0 { "stdout" } else { "stderr" });
+                    tracing::warn!(rank, stream, %error, "writing the rank's output file failed; the file is incomplete");
                     copy = None;
                 }
             }
@@ -211,6 +213,8 @@ struct Writer {
     scratch: Vec<u8>,
     /// Shared with the pumps; see [`StreamWriter`].
     broken: Arc<AtomicBool>,
+    /// Set once a failed write was reported, so it is reported only once.
+    failed: bool,
 }
 
 impl Writer {
@@ -346,11 +350,17 @@ impl Writer {
     }
 
     /// Records a failed write. Bytes that cannot be written are dropped; a
-    /// broken pipe also makes the pumps close the ranks' pipes.
-    fn on_error(&self, error: &std::io::Error) {
-        tracing::debug!(%error, "writing to the launcher's output failed");
+    /// broken pipe also makes the pumps close the ranks' pipes. Other errors
+    /// (a full disk, a closed descriptor) are reported once.
+    fn on_error(&mut self, error: &std::io::Error) {
         if error.kind() == std::io::ErrorKind::BrokenPipe {
+            tracing::debug!(%error, "writing to the launcher's output failed");
             self.broken.store(true, Ordering::Relaxed);
+            return;
+        }
+        if !self.failed {
+            self.failed = true;
+            tracing::warn!(%error, "writing the ranks' output failed; output that cannot be written is lost");
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Output forwarding and stdin of local jobs, through the real `ringleader` binary.
 
 use std::collections::BTreeMap;
+use std::process::Stdio;
 
 use ringleader_tests::{ringleader, run};
 
@@ -182,4 +183,17 @@ fn launcher_leaves_stdio_flags_as_it_found_them() {
     assert!(status.success());
     assert_eq!((flags(&stdin_read), flags(&stdout_write)), before);
     assert!(!flags(&stdin_read).contains(OFlag::O_NONBLOCK));
+}
+
+#[test]
+fn output_lost_to_a_full_disk_is_reported_once() {
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("open /dev/full");
+    let mut command = ringleader(["-n", "2", "--", "sh", "-c", "echo one; echo two"]);
+    command.stdin(Stdio::null()).stdout(full).stderr(Stdio::piped());
+    let output = command.output().expect("run the launcher");
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(stderr.matches("writing the ranks' output failed").count(), 1, "{stderr}");
+    assert!(stderr.contains("No space left on device"), "{stderr}");
 }
