@@ -109,6 +109,49 @@ pub struct Schedule {
     pub faults: Vec<TimedFault>,
 }
 
+impl Schedule {
+    /// Checks a schedule written by hand against a scenario of `hosts` hosts
+    /// (one rank each) and puts its faults in time order, the order they
+    /// happen in whatever order the file lists them.
+    pub fn validate(&mut self, hosts: usize) -> Result<(), String> {
+        for (index, timed) in self.faults.iter().enumerate() {
+            check_fault(&timed.fault, hosts).map_err(|problem| format!("fault {index} ({}): {problem}", timed.fault))?;
+        }
+        self.faults.sort_by_key(|timed| timed.at_ms);
+        Ok(())
+    }
+}
+
+fn check_fault(fault: &Fault, hosts: usize) -> Result<(), String> {
+    let host_exists = |node: &Node| match node {
+        Node::Host(index) if *index >= hosts => Err(format!(
+            "host {index} does not exist; the scenario has hosts 0 to {}",
+            hosts - 1
+        )),
+        _ => Ok(()),
+    };
+    match fault {
+        Fault::CrashHost { host } | Fault::BounceHost { host } => host_exists(&Node::Host(*host)),
+        Fault::Partition { a, b }
+        | Fault::Repair { a, b }
+        | Fault::Hold { a, b }
+        | Fault::Release { a, b }
+        | Fault::Latency { a, b, .. } => {
+            host_exists(a)?;
+            host_exists(b)?;
+            if a == b {
+                return Err("a link needs two different nodes".to_string());
+            }
+            Ok(())
+        }
+        Fault::KillRank { rank } | Fault::ExitRank { rank, .. } if *rank >= hosts => Err(format!(
+            "rank {rank} does not exist; the scenario has ranks 0 to {}",
+            hosts - 1
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The kinds and number of faults a scenario's random schedules may contain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FaultMix {
@@ -274,5 +317,56 @@ fn random_peer(rng: &mut SplitMix64, hosts: usize, host: usize) -> Node {
         Node::Launcher
     } else {
         Node::Host(pick)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schedule(faults: Vec<TimedFault>) -> Schedule {
+        Schedule {
+            scenario: "all-sum".into(),
+            seed: 1,
+            planted_bug: false,
+            faults,
+        }
+    }
+
+    #[test]
+    fn validate_sorts_faults_by_time() {
+        let mut schedule = schedule(vec![
+            TimedFault { at_ms: 300, fault: Fault::TerminateLauncher },
+            TimedFault { at_ms: 100, fault: Fault::ExitRank { rank: 1, code: 7 } },
+        ]);
+        schedule.validate(8).unwrap();
+        let times: Vec<u64> = schedule.faults.iter().map(|timed| timed.at_ms).collect();
+        assert_eq!(times, [100, 300]);
+    }
+
+    #[test]
+    fn validate_rejects_missing_hosts_ranks_and_self_links() {
+        let cases = [
+            (Fault::CrashHost { host: 8 }, "host 8 does not exist"),
+            (Fault::KillRank { rank: 99 }, "rank 99 does not exist"),
+            (Fault::ExitRank { rank: 8, code: 1 }, "rank 8 does not exist"),
+            (Fault::Hold { a: Node::Launcher, b: Node::Host(9) }, "host 9 does not exist"),
+            (Fault::Partition { a: Node::Launcher, b: Node::Launcher }, "two different nodes"),
+        ];
+        for (fault, expected) in cases {
+            let mut schedule = schedule(vec![TimedFault { at_ms: 0, fault: fault.clone() }]);
+            let error = schedule.validate(8).unwrap_err();
+            assert!(error.contains(expected), "{fault}: {error}");
+        }
+    }
+
+    #[test]
+    fn validate_accepts_faults_inside_the_scenario() {
+        let mut schedule = schedule(vec![
+            TimedFault { at_ms: 0, fault: Fault::BounceHost { host: 7 } },
+            TimedFault { at_ms: 0, fault: Fault::Latency { a: Node::Host(0), b: Node::Host(7), ms: 5 } },
+            TimedFault { at_ms: 0, fault: Fault::InterruptLauncher },
+        ]);
+        assert_eq!(schedule.validate(8), Ok(()));
     }
 }

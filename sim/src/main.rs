@@ -71,8 +71,8 @@ enum Command {
         #[arg(long, value_name = "FIRST", env = SEED_VAR, default_value_t = 1)]
         first_seed: u64,
         /// Simulations run at once, one thread each [default: the number of CPUs].
-        #[arg(long, value_name = "N")]
-        jobs: Option<usize>,
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+        jobs: Option<u64>,
         /// File the shrunk schedule of the first failing seed is written to.
         #[arg(
             long,
@@ -96,7 +96,8 @@ enum Command {
     /// "kind": "crash_host", "host": 2}, ...]}. Fault kinds: crash_host,
     /// bounce_host, partition, repair, hold, release (with "a" and "b" each
     /// "launcher" or {"host": N}), latency (plus "ms"), kill_rank, exit_rank
-    /// (plus "code"), interrupt_launcher, terminate_launcher.
+    /// (plus "code"), interrupt_launcher, terminate_launcher. Faults happen
+    /// in the order of their times, whatever order the file lists them in.
     Replay {
         /// The schedule file.
         file: PathBuf,
@@ -137,8 +138,10 @@ fn main() -> ExitCode {
             quiet,
             planted_bug,
         } => {
-            let jobs =
-                jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let jobs = jobs.map_or_else(
+                || std::thread::available_parallelism().map_or(1, |n| n.get()),
+                |jobs| jobs as usize,
+            );
             run_sweep(
                 &scenario,
                 first_seed,
@@ -228,12 +231,30 @@ fn run(
     Ok(result.passed())
 }
 
+/// Checks that `path` can be created or overwritten, without changing an
+/// existing file.
+fn check_writable(path: &std::path::Path) -> Result<(), String> {
+    let existed = path.exists();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|error| format!("--out {}: cannot write the file: {error}", path.display()))?;
+    if !existed {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
 fn replay(file: &PathBuf, events: bool) -> Result<bool, String> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-    let schedule: Schedule = serde_json::from_str(&text)
+    let mut schedule: Schedule = serde_json::from_str(&text)
         .map_err(|e| format!("{} is not a valid schedule: {e}", file.display()))?;
     let scenario = find_scenario(&schedule.scenario)?;
+    schedule
+        .validate(scenario.hosts)
+        .map_err(|problem| format!("{}: {problem}", file.display()))?;
     warn_if_not_deterministic();
     eprintln!(
         "ringleader-sim: replaying {} (scenario {}, seed {})",
@@ -304,11 +325,16 @@ fn run_sweep(
     planted_bug: bool,
 ) -> Result<bool, String> {
     let scenario = find_scenario(name)?;
+    let end_seed = first_seed.checked_add(seeds).ok_or_else(|| {
+        format!(
+            "--first-seed {first_seed} plus --seeds {seeds} goes past the largest seed, {}",
+            u64::MAX
+        )
+    })?;
+    // A typo in --out must not cost the whole sweep: check it can be written now.
+    check_writable(out)?;
     warn_if_not_deterministic();
-    eprintln!(
-        "ringleader-sim: sweeping scenario {name}, seeds {first_seed}..{}, {jobs} jobs",
-        first_seed + seeds
-    );
+    eprintln!("ringleader-sim: sweeping scenario {name}, seeds {first_seed}..{end_seed}, {jobs} jobs");
     let bar = if quiet {
         ProgressBar::hidden()
     } else {
