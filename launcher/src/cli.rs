@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 
 /// Help text printed after the options.
 const AFTER_HELP: &str = "\
@@ -157,6 +157,35 @@ pub struct Cli {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND",
           required_unless_present = "print_python")]
     pub command: Vec<String>,
+}
+
+impl Cli {
+    /// Parses the launcher's command line, exiting with a usage error (code
+    /// 2) when it is invalid. A mistyped option would otherwise become the
+    /// command, since the command may take any argument: the command may
+    /// start with `-` only after `--`.
+    pub fn parse_checked(args: &[std::ffi::OsString]) -> Cli {
+        let cli = Cli::parse_from(args);
+        let Some(first) = cli.command.first().filter(|word| word.starts_with('-')) else {
+            return cli;
+        };
+        let start = args.len() - cli.command.len();
+        if start > 0 && args[start - 1] == "--" {
+            return cli;
+        }
+        // Parsing again without hyphen values gives clap's own message,
+        // with its suggestion of a similar option.
+        let strict = Cli::command().mut_arg("command", |arg| arg.allow_hyphen_values(false));
+        if let Err(error) = strict.try_get_matches_from(args) {
+            error.exit();
+        }
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::UnknownArgument,
+                format!("unknown option '{first}'; put -- before a command that starts with '-'"),
+            )
+            .exit()
+    }
 }
 
 /// Help text printed after the options of `ringleader doctor`.

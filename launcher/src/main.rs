@@ -17,7 +17,7 @@ fn main() {
             }
         }
         _ => {
-            let cli = ringleader::cli::Cli::parse();
+            let cli = ringleader::cli::Cli::parse_checked(&args);
             init_tracing(cli.verbose);
             ringleader::app::run(cli)
         }
