@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::exec::{ByteReader, ByteWriter, RankSignal, RankSpec, Spawner, Termination};
@@ -66,6 +66,8 @@ pub struct LauncherIo {
 enum Event {
     Started { rank: usize, pid: Option<u32> },
     SpawnFailed { rank: usize, error: String },
+    /// Teardown started while the rank was starting; its start was abandoned.
+    NotStarted { rank: usize },
     Ended { rank: usize, result: io::Result<Termination> },
     /// Everything the rank wrote has reached the launcher's streams, or the
     /// task stopped waiting for a pipe that a stray process keeps open.
@@ -89,6 +91,8 @@ struct Supervisor {
     forgotten: Option<usize>,
     /// The launcher's last signal and when it arrived.
     last_signal: Option<(LauncherSignal, Instant)>,
+    /// Set to true when teardown starts, so ranks still starting give up.
+    stopping_tx: watch::Sender<bool>,
 }
 
 /// Runs the job described by `ranks` to completion and returns its report.
@@ -150,6 +154,7 @@ pub async fn supervise_with_hooks(
             spec: spec.clone(),
             spawner: spawner.clone(),
             controls: control_rx,
+            stopping: (forget_rank != Some(spec.rank)).then(|| supervisor.stopping_tx.subscribe()),
             events: events_tx.clone(),
             stdout: stdout_writer.clone(),
             stderr: stderr_writer.clone(),
@@ -212,6 +217,16 @@ pub async fn supervise_with_hooks(
     report
 }
 
+/// Resolves once `stopping` is true; never without a receiver.
+async fn stop_requested(stopping: Option<&mut watch::Receiver<bool>>) {
+    let Some(stopping) = stopping else {
+        return std::future::pending().await;
+    };
+    // An error means the supervisor is gone, and with it anyone waiting for
+    // the rank, so giving up the start is right then too.
+    let _ = stopping.wait_for(|stopping| *stopping).await;
+}
+
 /// Sleeps until `at`, or forever when it is `None`.
 async fn sleep_until(at: Option<Instant>) {
     match at {
@@ -242,6 +257,7 @@ impl Supervisor {
             kill_at: None,
             give_up_at: None,
             last_signal: None,
+            stopping_tx: watch::channel(false).0,
             options,
             forgotten: None,
         }
@@ -258,6 +274,10 @@ impl Supervisor {
                 self.reports[rank].pid = pid;
                 self.reports[rank].state = RankState::Running;
                 tracing::info!(rank, host = %self.reports[rank].host, pid, "rank started");
+            }
+            Event::NotStarted { rank } => {
+                tracing::info!(rank, "the job stopped before the rank started; not starting it");
+                self.reports[rank].finished = true;
             }
             Event::SpawnFailed { rank, error } => {
                 self.reports[rank].state = RankState::SpawnFailed(error);
@@ -320,6 +340,7 @@ impl Supervisor {
     fn stop(&mut self, cause: StopCause) {
         tracing::info!(?cause, "stopping the job");
         self.stopping = Some(cause);
+        self.stopping_tx.send_replace(true);
         let signal = match cause {
             StopCause::Signal(LauncherSignal::Interrupt) => RankSignal::Interrupt,
             _ => RankSignal::Terminate,
@@ -367,6 +388,9 @@ struct RankTask {
     spec: RankSpec,
     spawner: Arc<dyn Spawner>,
     controls: mpsc::UnboundedReceiver<RankSignal>,
+    /// Becomes true when teardown starts; `None` for the rank the planted
+    /// simulator bug forgets.
+    stopping: Option<watch::Receiver<bool>>,
     events: mpsc::UnboundedSender<Event>,
     stdout: StreamWriter,
     stderr: StreamWriter,
@@ -379,11 +403,23 @@ struct RankTask {
 impl RankTask {
     async fn run(mut self) {
         let rank = self.spec.rank;
-        // Signals sent while the rank is starting wait in `controls` and are
-        // delivered as soon as it runs.
-        let spawned = match self.spawner.spawn(&self.spec).await {
-            Ok(spawned) => spawned,
-            Err(error) => {
+        // A start still under way when teardown begins is abandoned: the
+        // spawner's future is dropped, which ends an ssh client still
+        // connecting. Signals sent while the rank is starting otherwise wait
+        // in `controls` and are delivered as soon as it runs.
+        let spawn = self.spawner.spawn(&self.spec);
+        let started = tokio::select! {
+            biased;
+            () = stop_requested(self.stopping.as_mut()) => None,
+            result = spawn => Some(result),
+        };
+        let spawned = match started {
+            None => {
+                let _ = self.events.send(Event::NotStarted { rank });
+                return;
+            }
+            Some(Ok(spawned)) => spawned,
+            Some(Err(error)) => {
                 let _ = self.events.send(Event::SpawnFailed { rank, error: error_chain(&error) });
                 return;
             }

@@ -154,6 +154,36 @@ fn ctrl_c_on_the_terminal_interrupts_remote_ranks() {
     assert_eq!(survivors_after(&marker, TEARDOWN_BOUND), Vec::<u32>::new());
 }
 
+/// Teardown must not wait for a host that never answers the ssh handshake,
+/// nor report a rank that never started as possibly alive.
+#[test]
+fn teardown_abandons_a_rank_still_connecting() {
+    let sshd = Sshd::start();
+    // The kernel completes connections into the backlog; nothing ever reads them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let hostfile = sshd.dir().join(format!("hostfile-{}.json", unique_marker("silent")));
+    let hosts = format!(
+        r#"[{{"ssh": "host-a", "ips": ["127.0.0.1"]}}, {{"ssh": "host-b", "port": {port}, "ips": ["127.0.0.1"]}}]"#
+    );
+    std::fs::write(&hostfile, hosts).unwrap();
+    let mut command = ringleader(["--hostfile"]);
+    command
+        .arg(&hostfile)
+        .arg("--ssh-config")
+        .arg(sshd.config_file())
+        .args(["--grace", GRACE_SECONDS, "--connect-timeout", "60", "--timeout", "1"])
+        .args(["--", "sh", "-c", "echo up; exec sleep 300"]);
+
+    let output = run(&mut command, b"");
+
+    let stderr = output.stderr_text();
+    assert_eq!(output.code(), Some(124), "{stderr}");
+    assert!(output.elapsed < Duration::from_secs(10), "teardown took {:?}", output.elapsed);
+    assert!(stderr.contains("rank 1 on host-b: never started, stopped by --timeout"), "{stderr}");
+    assert!(!stderr.contains("NOT confirmed"), "{stderr}");
+}
+
 #[test]
 fn killed_launcher_leaves_no_remote_rank() {
     let sshd = Sshd::start();
