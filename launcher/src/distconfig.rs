@@ -73,7 +73,12 @@ pub async fn query_hosts(hosts: &[Host], spawner: Arc<dyn Spawner>, timeout: Dur
 async fn query_host(spawner: &dyn Spawner, spec: &RankSpec) -> HostResult {
     let spawned = match spawner.spawn(spec).await {
         Ok(spawned) => spawned,
-        Err(error) => return HostResult::Failed { reason: format!("cannot ssh: {error}") },
+        Err(error) => {
+            // The transport's message names a rank, which means nothing here.
+            let text = error.to_string();
+            let text = text.strip_prefix(&format!("rank {} on {}: ", spec.rank, spec.host)).unwrap_or(&text);
+            return HostResult::Failed { reason: format!("cannot ssh: {text}") };
+        }
     };
     let Spawned { mut stdout, mut stderr, wait, .. } = spawned;
     let mut out = String::new();

@@ -94,7 +94,10 @@ pub fn summary(report: &Report) -> String {
     } else if outcome.timed_out {
         "the job hit --timeout".to_string()
     } else if let Some((rank, termination)) = outcome.first_failure {
-        format!("rank {rank} failed with {termination}")
+        match termination {
+            Termination::Exited(_) => format!("rank {rank} failed with {termination}"),
+            Termination::Signaled(_) => format!("rank {rank} was {termination}"),
+        }
     } else if outcome.spawn_failed {
         "a rank could not be started".to_string()
     } else {
@@ -102,13 +105,25 @@ pub fn summary(report: &Report) -> String {
     };
     let mut text = format!("ringleader: {headline}; exit code {}\n", report.exit_code);
     for rank in notable {
-        text += &format!("ringleader:   rank {} on {}", rank.rank, rank.host);
+        let prefix = format!("rank {} on {}", rank.rank, rank.host);
+        text += &format!("ringleader:   {prefix}");
         if let Some(pid) = rank.pid {
             text += &format!(" (pid {pid})");
         }
+        // A start error may name the rank itself and end in hint lines; the
+        // cause goes before the hints, which get lines of their own.
+        let mut hints = "";
         text += &match &rank.state {
             RankState::Starting => ": never started".to_string(),
-            RankState::SpawnFailed(error) => format!(": not started: {error}"),
+            RankState::SpawnFailed(error) => {
+                let error = error.strip_prefix(&format!("{prefix}: ")).unwrap_or(error);
+                let (detail, hint) = match error.find("\nhint:") {
+                    Some(at) => error.split_at(at),
+                    None => (error, ""),
+                };
+                hints = hint;
+                format!(": not started: {detail}")
+            }
             RankState::Running | RankState::Unconfirmed => {
                 ": NOT confirmed dead after SIGKILL; check the host for leftover processes".to_string()
             }
@@ -121,7 +136,62 @@ pub fn summary(report: &Report) -> String {
                 text += " and sent SIGKILL";
             }
         }
+        for hint in hints.lines().filter(|line| !line.is_empty()) {
+            text += &format!("\nringleader:     {hint}");
+        }
         text.push('\n');
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rank(rank: usize, state: RankState, stopped_by: Option<StopCause>) -> RankReport {
+        RankReport {
+            rank,
+            host: "node01".into(),
+            pid: None,
+            state,
+            stopped_by,
+            killed: false,
+            finished: true,
+        }
+    }
+
+    #[test]
+    fn rank_killed_by_a_signal_reads_as_killed() {
+        let report = Report {
+            ranks: vec![rank(0, RankState::Ended(Termination::Signaled(13)), None)],
+            outcome: Outcome {
+                first_failure: Some((0, Termination::Signaled(13))),
+                ..Outcome::default()
+            },
+            exit_code: 141,
+        };
+        let text = summary(&report);
+        assert!(text.starts_with("ringleader: rank 0 was killed by SIGPIPE; exit code 141\n"), "{text}");
+    }
+
+    #[test]
+    fn start_error_keeps_its_hint_on_its_own_line() {
+        let error = "rank 1 on node01: command not found: train.py\nhint: check the command's path and PATH on that host";
+        let report = Report {
+            ranks: vec![rank(1, RankState::SpawnFailed(error.into()), Some(StopCause::RankFailed(1)))],
+            outcome: Outcome {
+                spawn_failed: true,
+                ..Outcome::default()
+            },
+            exit_code: 2,
+        };
+        let text = summary(&report);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[1],
+            "ringleader:   rank 1 on node01: not started: command not found: train.py, stopped after rank 1 failed"
+        );
+        assert_eq!(lines[2], "ringleader:     hint: check the command's path and PATH on that host");
+        assert_eq!(lines.len(), 3, "{text}");
+    }
 }

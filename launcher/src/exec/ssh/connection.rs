@@ -86,7 +86,7 @@ impl Pool {
 
     /// Finds or opens a link with room for one more rank session on the spec's host.
     pub(super) async fn acquire(&self, spec: &RankSpec) -> Result<Session, SpawnError> {
-        let ssh_error = |message: String| ssh_spawn_error(spec, message);
+        let ssh_error = |message: String| ssh_spawn_error(spec, &self.options, message);
         let entry = self
             .host_entry(spec)
             .map_err(|message| SpawnError::InvalidSpec {
@@ -360,14 +360,19 @@ impl Link {
     }
 }
 
-/// Describes an ssh failure before the rank started, with a hint to try ssh by hand.
-pub(super) fn ssh_spawn_error(spec: &RankSpec, message: String) -> SpawnError {
+/// Describes an ssh failure before the rank started, with a hint to try ssh
+/// by hand with the same config file.
+pub(super) fn ssh_spawn_error(spec: &RankSpec, options: &SshOptions, message: String) -> SpawnError {
+    let config = match &options.config_file {
+        Some(path) => format!("-F {} ", crate::shell::quote(&path.to_string_lossy())),
+        None => String::new(),
+    };
     SpawnError::Ssh {
         rank: spec.rank,
         host: spec.host.clone(),
         message: format!(
-            "{message}\nhint: check that `ssh {} true` works with the same ssh options",
-            spec.host
+            "{message}\nhint: check that `ssh {config}{} true` works with the same ssh options",
+            crate::shell::quote(&spec.host)
         ),
     }
 }

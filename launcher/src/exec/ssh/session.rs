@@ -73,7 +73,7 @@ pub(super) async fn start(pool: Arc<Pool>, spec: &RankSpec) -> Result<Spawned, S
         Ok(Some(start)) => start,
         Ok(None) => {
             let exit = collect_exit(&mut child, &log_path, stderr).await;
-            return Err(start_error(spec, &exit));
+            return Err(start_error(spec, &pool.options, &exit));
         }
         Err(_) => {
             let _ = child.start_kill();
@@ -178,7 +178,7 @@ fn ssh_command(pool: &Pool, spec: &RankSpec, session: &Session, log_path: &PathB
 /// Classifies a rank that ended before its start line: ssh's own failure
 /// (exit status 255 or a signal), or the remote setup's (any other status,
 /// with the script's message on stderr).
-fn start_error(spec: &RankSpec, exit: &SshExit) -> SpawnError {
+fn start_error(spec: &RankSpec, options: &super::SshOptions, exit: &SshExit) -> SpawnError {
     match exit.code {
         Some(code) if code != 255 => {
             let detail = if exit.output.is_empty() {
@@ -197,7 +197,7 @@ fn start_error(spec: &RankSpec, exit: &SshExit) -> SpawnError {
                 message: format!("{detail}{hint}"),
             }
         }
-        _ => ssh_spawn_error(spec, exit.ssh_message()),
+        _ => ssh_spawn_error(spec, options, exit.ssh_message()),
     }
 }
 
