@@ -294,7 +294,27 @@ fn prepare_mpi(cli: &Cli, hostfile: &Hostfile) -> Result<MpiCommand, LaunchError
         command.insert(0, python.clone());
     }
     let cwd = cli.cwd.as_deref().map(Path::new);
-    Ok(mpi::build(&mpirun, &hostfile.hosts, &env, cwd, &cli.mpi_arg, &command)?)
+    let mut command = mpi::build(&mpirun, &hostfile.hosts, &env, cwd, &cli.mpi_arg, &command)?;
+    command.add_ssh_args(&mpi_ssh_args(cli))?;
+    Ok(command)
+}
+
+/// The launcher's ssh settings as arguments for mpirun's own ssh.
+fn mpi_ssh_args(cli: &Cli) -> Vec<String> {
+    let mut args = Vec::new();
+    if let Some(config) = &cli.ssh_config {
+        args.push("-F".to_string());
+        args.push(config.display().to_string());
+    }
+    for option in &cli.ssh_option {
+        args.push("-o".to_string());
+        args.push(option.clone());
+    }
+    if cli.accept_new_host_keys {
+        args.push("-o".to_string());
+        args.push("StrictHostKeyChecking=accept-new".to_string());
+    }
+    args
 }
 
 /// Prints or runs the mpirun command.

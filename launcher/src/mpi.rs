@@ -62,6 +62,8 @@ pub enum MpiError {
     RootNotAllowed,
     #[error("the mpi backend does not support {option}\nhint: {hint}")]
     Unsupported { option: &'static str, hint: &'static str },
+    #[error("ssh setting {arg:?} contains whitespace, which mpirun cannot pass to ssh\nhint: use a path or option without spaces, or put the setting in ~/.ssh/config")]
+    SshArgWithSpace { arg: String },
 }
 
 /// The mpirun found in PATH and the major version of its Open MPI.
@@ -119,6 +121,20 @@ pub struct MpiCommand {
 }
 
 impl MpiCommand {
+    /// Passes `ssh_args` (such as `-F FILE`) to the ssh that mpirun starts
+    /// on remote hosts, through Open MPI's `plm_rsh_args` parameter. Open
+    /// MPI splits that value at spaces, so an argument must contain none.
+    pub fn add_ssh_args(&mut self, ssh_args: &[String]) -> Result<(), MpiError> {
+        if ssh_args.is_empty() {
+            return Ok(());
+        }
+        if let Some(arg) = ssh_args.iter().find(|arg| arg.chars().any(char::is_whitespace)) {
+            return Err(MpiError::SshArgWithSpace { arg: arg.clone() });
+        }
+        self.leading_args.extend(["--mca".to_string(), "plm_rsh_args".to_string(), ssh_args.join(" ")]);
+        Ok(())
+    }
+
     /// Returns the full argument list, with the hostfile at `hostfile_path`.
     pub fn argv(&self, hostfile_path: &Path) -> Vec<OsString> {
         let mut argv: Vec<OsString> = vec![self.program.clone().into()];
@@ -420,6 +436,22 @@ pub fn mpi_library_name(mpirun: &Path) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn ssh_args_go_to_plm_rsh_args_without_spaces() {
+        let mut command = MpiCommand {
+            program: "mpirun".into(),
+            hostfile: String::new(),
+            leading_args: Vec::new(),
+            trailing_args: Vec::new(),
+        };
+        command.add_ssh_args(&["-F".into(), "/etc/cfg".into(), "-o".into(), "Port=2222".into()]).unwrap();
+        assert_eq!(command.leading_args, ["--mca", "plm_rsh_args", "-F /etc/cfg -o Port=2222"]);
+
+        let error = command.add_ssh_args(&["-F".into(), "/my configs/ssh".into()]).unwrap_err();
+        assert!(error.to_string().contains("\"/my configs/ssh\" contains whitespace"), "{error}");
+    }
+
     use super::*;
 
     fn hosts(names: &[&str]) -> Vec<Host> {

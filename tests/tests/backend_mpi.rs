@@ -1,7 +1,11 @@
 //! The mpi backend against the system's Open MPI: ranks, exit codes,
 //! option pass-through and teardown on a launcher signal.
 
+mod common;
+
 use std::time::Duration;
+
+use common::sshd::Sshd;
 
 use ringleader_tests::{finish, lines_of, read_until, ringleader, run, start, survivors_after, unique_marker};
 
@@ -184,4 +188,24 @@ fn killed_launcher_leaves_no_mpi_rank() {
     assert_eq!(output.code(), None, "the launcher was killed");
     assert_eq!(survivors_after(&marker, Duration::from_secs(15)), Vec::<u32>::new());
     assert!(output.stderr_text().contains("ended without stopping its ranks"), "{}", output.stderr_text());
+}
+
+/// mpirun logs in to ssh hosts with its own ssh; the launcher's --ssh-config
+/// must reach it, or the fixture's host aliases do not resolve.
+#[test]
+fn ssh_config_reaches_mpiruns_ssh() {
+    let sshd = Sshd::start();
+    let config = sshd.config_file();
+    let mut command = mpi_launch(&[
+        "--hosts", "host-a,host-b", "--ssh-config", config.to_str().unwrap(), "--timeout", "60",
+        "--", "sh", "-c", "echo rank=$OMPI_COMM_WORLD_RANK",
+    ]);
+    // Ranks on the "remote" hosts need the permission to run as root too.
+    command.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    let output = run(&mut command, b"");
+
+    assert_eq!(output.code(), Some(0), "{}", output.stderr_text());
+    let mut lines: Vec<String> = output.stdout_text().lines().map(str::to_string).collect();
+    lines.sort();
+    assert_eq!(lines, ["rank=0", "rank=1"]);
 }
