@@ -37,6 +37,8 @@ pub enum LaunchError {
     Mpi(#[from] MpiError),
     #[error(transparent)]
     Slurm(#[from] SlurmError),
+    #[error("the ring backend needs IP addresses, but the hosts come by name from the Slurm allocation (SLURM_JOB_NODELIST), starting with {host}\nhint: write a hostfile with each node's addresses, ringleader config --hosts \"$SLURM_JOB_NODELIST\" --output-hostfile hosts.json, then launch with --hostfile hosts.json (--backend mpi takes names)")]
+    SlurmHostsWithoutIps { host: String },
 }
 
 /// Runs the launcher and returns its exit code.
@@ -244,7 +246,11 @@ fn prepare_plan(cli: &Cli, mut hostfile: Hostfile, backend: Backend) -> Result<L
         stdin: cli.stdin,
         terminal_size: terminal_size(),
     };
-    Ok(plan::build(&hostfile, &options, &|key| std::env::var(key).ok())?)
+    let from_slurm = cli.hostfile.is_none() && cli.hosts.is_none() && std::env::var_os("SLURM_JOB_NODELIST").is_some();
+    plan::build(&hostfile, &options, &|key| std::env::var(key).ok()).map_err(|error| match error {
+        PlanError::MissingIps { host, .. } if from_slurm => LaunchError::SlurmHostsWithoutIps { host },
+        error => error.into(),
+    })
 }
 
 /// Translates the launch into one mpirun command line.

@@ -89,6 +89,12 @@ fn malformed_host_lists_exit_2_naming_the_value() {
             "SLURM_TASKS_PER_NODE=\"1(x3)\" lists 3 nodes but SLURM_JOB_NODELIST has 2",
         ),
         (&[], &[("SLURM_JOB_NODELIST", "n1"), ("SLURM_TASKS_PER_NODE", "2(x")], "SLURM_TASKS_PER_NODE=\"2(x\" is invalid"),
+        (
+            &[],
+            &[("SLURM_JOB_NODELIST", "node[01-02]")],
+            "the hosts come by name from the Slurm allocation (SLURM_JOB_NODELIST), starting with node01",
+        ),
+        (&["--hosts", "node01"], &[("SLURM_JOB_NODELIST", "node[01-02]")], "list hosts by IP address in --hosts"),
     ];
     for (args, slurm, expected) in cases {
         let mut all = args.to_vec();
