@@ -58,7 +58,8 @@ pub struct Cli {
 
     /// First port of the ring backend; each address of each rank takes the next one.
     #[arg(short = 'p', long, default_value_t = 32323, value_name = "PORT",
-          env = "RINGLEADER_STARTING_PORT", help_heading = "Backend")]
+          env = "RINGLEADER_STARTING_PORT", help_heading = "Backend",
+          value_parser = clap::value_parser!(u16).range(1..))]
     pub starting_port: u16,
 
     /// Ring backend connections per IP address and rank, used in parallel.
@@ -67,7 +68,8 @@ pub struct Cli {
     pub connections_per_ip: u32,
 
     /// Port of the NCCL coordinator on rank 0 (nccl backend only).
-    #[arg(long, default_value_t = 12345, value_name = "PORT", help_heading = "Backend")]
+    #[arg(long, default_value_t = 12345, value_name = "PORT", help_heading = "Backend",
+          value_parser = clap::value_parser!(u16).range(1..))]
     pub nccl_port: u16,
 
     /// Extra arguments for mpirun, split into words as a shell would split them
@@ -232,7 +234,8 @@ pub struct DoctorCli {
 
     /// First ring port, and the jaccl coordinator's port, as for the launch.
     #[arg(short = 'p', long, default_value_t = 32323, value_name = "PORT",
-          env = "RINGLEADER_STARTING_PORT", help_heading = "Backend")]
+          env = "RINGLEADER_STARTING_PORT", help_heading = "Backend",
+          value_parser = clap::value_parser!(u16).range(1..))]
     pub starting_port: u16,
 
     /// Ring connections per IP address and rank, as for the launch.
@@ -241,7 +244,8 @@ pub struct DoctorCli {
     pub connections_per_ip: u32,
 
     /// Port of the NCCL coordinator on rank 0, as for the launch.
-    #[arg(long, default_value_t = 12345, value_name = "PORT", help_heading = "Backend")]
+    #[arg(long, default_value_t = 12345, value_name = "PORT", help_heading = "Backend",
+          value_parser = clap::value_parser!(u16).range(1..))]
     pub nccl_port: u16,
 
     /// Seconds each stage of the probes may take (start and report, then connect).

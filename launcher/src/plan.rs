@@ -59,6 +59,8 @@ pub enum PlanError {
     MissingIps { index: usize, host: String },
     #[error("the ring ports do not fit: --starting-port {start} plus {count} addresses goes past 65535\nhint: choose a lower --starting-port")]
     PortOverflow { start: u16, count: usize },
+    #[error("MASTER_PORT would be {port}, past 65535: it is the port after {after}\nhint: choose a lower {option}")]
+    MasterPortOverflow { port: u32, after: String, option: &'static str },
     #[error("the {backend} backend needs an IP address for rank 0 ({host}) that all ranks can reach\nhint: add \"ips\" to the first hostfile entry")]
     MissingCoordinatorIp { backend: &'static str, host: String },
     #[error("the hostfile is malformed: {0}")]
@@ -144,10 +146,14 @@ pub fn build(
 
     let local_positions = local_positions(hosts);
     if master_port > 65535 {
-        return Err(PlanError::PortOverflow {
-            start: options.starting_port,
-            count: (master_port - options.starting_port as u32) as usize,
-        });
+        let (after, option) = match options.backend {
+            Backend::Nccl => (format!("--nccl-port {}", options.nccl_port), "--nccl-port"),
+            Backend::Jaccl | Backend::JacclRing => {
+                (format!("the jaccl coordinator's port {}", options.starting_port), "--starting-port")
+            }
+            _ => ("the last ring port".to_string(), "--starting-port"),
+        };
+        return Err(PlanError::MasterPortOverflow { port: master_port, after, option });
     }
     let mut ranks = Vec::with_capacity(world_size);
     for (rank, host) in hosts.iter().enumerate() {

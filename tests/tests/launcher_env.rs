@@ -178,6 +178,7 @@ fn invalid_input_exits_2_with_a_clear_message() {
         (vec!["--grace", "soon", "true"], "invalid number of seconds"),
         (vec!["--output-dir", &script, "true"], "exists and is not a directory"),
         (vec!["--output-dir", &read_only, "true"], "cannot create files in the directory"),
+        (vec!["-p", "0", "true"], "0 is not in 1..=65535"),
         (vec!["--tag-ouput", "--", "echo", "hi"], "a similar argument exists: '--tag-output'"),
         (vec!["--no-such-option", "echo"], "unexpected argument '--no-such-option'"),
         (vec!["--", "-dash-command"], "command not found: \"-dash-command\""),

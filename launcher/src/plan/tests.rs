@@ -188,6 +188,22 @@ fn port_overflow_is_an_error() {
 }
 
 #[test]
+fn master_port_overflow_names_the_option_to_change() {
+    let hosts = Hostfile::from_list("127.0.0.1", 2).unwrap();
+    let mut opts = options(Backend::Nccl);
+    opts.nccl_port = 65535;
+    let error = build(&hosts, &opts, &no_env).unwrap_err().to_string();
+    assert!(error.contains("MASTER_PORT would be 65536"), "{error}");
+    assert!(error.contains("choose a lower --nccl-port"), "{error}");
+
+    let one = Hostfile::from_list("127.0.0.1", 1).unwrap();
+    let mut opts = options(Backend::Ring);
+    opts.starting_port = 65535;
+    let error = build(&one, &opts, &no_env).unwrap_err().to_string();
+    assert!(error.contains("the port after the last ring port"), "{error}");
+}
+
+#[test]
 fn stdin_modes() {
     let hosts = Hostfile::from_list("127.0.0.1", 2).unwrap();
     let mut opts = options(Backend::Ring);
