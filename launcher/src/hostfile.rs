@@ -57,10 +57,16 @@ pub struct Hostfile {
 }
 
 /// Errors in `--hosts` or a hostfile. Each names the file, entry and field.
+
+/// Largest hostfile read: 100,000 hosts with a few long addresses each fit
+/// in a small fraction of it.
+const MAX_HOSTFILE_BYTES: u64 = 64 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum HostfileError {
     #[error("invalid --hosts value {list:?}: {reason}")]
     InvalidList { list: String, reason: String },
+    #[error("hostfile {} is larger than {limit_mib} MiB\nhint: check the path; a hostfile is a JSON list of hosts, far smaller than that", path.display())]
+    TooLarge { path: PathBuf, limit_mib: u64 },
     #[error("cannot read hostfile {}", path.display())]
     Read {
         path: PathBuf,
@@ -122,9 +128,25 @@ impl Hostfile {
 
     /// Reads and parses a JSON hostfile.
     pub fn from_path(path: &Path) -> Result<Hostfile, HostfileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| HostfileError::Read {
+        use std::io::Read;
+
+        let read_error = |source| HostfileError::Read {
             path: path.to_path_buf(),
             source,
+        };
+        // Reads at most one byte past the limit, so /dev/zero or a wrong
+        // file fails fast instead of filling memory.
+        let file = std::fs::File::open(path).map_err(read_error)?;
+        let mut bytes = Vec::new();
+        file.take(MAX_HOSTFILE_BYTES + 1).read_to_end(&mut bytes).map_err(read_error)?;
+        if bytes.len() as u64 > MAX_HOSTFILE_BYTES {
+            return Err(HostfileError::TooLarge {
+                path: path.to_path_buf(),
+                limit_mib: MAX_HOSTFILE_BYTES >> 20,
+            });
+        }
+        let text = String::from_utf8(bytes).map_err(|error| {
+            read_error(std::io::Error::new(std::io::ErrorKind::InvalidData, error.utf8_error()))
         })?;
         Hostfile::from_json(path, &text)
     }

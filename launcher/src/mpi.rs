@@ -187,10 +187,14 @@ pub fn build(
 /// Writes one `host slots=N` line per distinct host, in order of first appearance.
 pub fn mpi_hostfile(hosts: &[Host]) -> String {
     let mut counts: Vec<(&str, usize)> = Vec::new();
+    let mut index_of: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for host in hosts {
-        match counts.iter_mut().find(|(name, _)| *name == host.ssh) {
-            Some((_, count)) => *count += 1,
-            None => counts.push((&host.ssh, 1)),
+        match index_of.get(host.ssh.as_str()) {
+            Some(&index) => counts[index].1 += 1,
+            None => {
+                index_of.insert(&host.ssh, counts.len());
+                counts.push((&host.ssh, 1));
+            }
         }
     }
     counts.iter().map(|(name, count)| format!("{name} slots={count}\n")).collect()

@@ -394,11 +394,7 @@ pub fn to_json(plan: &LaunchPlan) -> Value {
         .map(|spec| {
             let env: serde_json::Map<String, Value> =
                 spec.env.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
-            let files: serde_json::Map<String, Value> = spec
-                .files
-                .iter()
-                .map(|f| (f.env_var.clone(), Value::String(f.contents.to_string())))
-                .collect();
+            let files: Vec<&str> = spec.files.iter().map(|file| file.env_var.as_str()).collect();
             json!({
                 "rank": spec.rank,
                 "host": spec.host,
@@ -412,17 +408,31 @@ pub fn to_json(plan: &LaunchPlan) -> Value {
             })
         })
         .collect();
+    let files: serde_json::Map<String, Value> = shared_files(plan)
+        .map(|file| (file.env_var.clone(), Value::String(file.contents.to_string())))
+        .collect();
     json!({
         "backend": plan.backend,
         "world_size": plan.ranks.len(),
         "ring_table": plan.ring_table,
+        "files": files,
         "ranks": ranks,
     })
+}
+
+/// The files of the plan, each once. Every rank gets the same files, so a
+/// rank lists only their variables and the contents appear once: printing
+/// them per rank would grow with the square of the rank count.
+fn shared_files(plan: &LaunchPlan) -> impl Iterator<Item = &RankFile> {
+    plan.ranks.first().into_iter().flat_map(|spec| spec.files.iter())
 }
 
 /// Renders the plan for `--dry-run` as text, one block per rank.
 pub fn to_text(plan: &LaunchPlan) -> String {
     let mut text = format!("backend {}, {} ranks\n", plan.backend.name(), plan.ranks.len());
+    for file in shared_files(plan) {
+        text += &format!("file {} for every rank: {}\n", file.env_var, file.contents);
+    }
     for spec in &plan.ranks {
         let command: Vec<String> = spec.argv.iter().map(|a| crate::shell::quote(a)).collect();
         text += &format!("rank {} on {}: {}\n", spec.rank, spec.host, command.join(" "));
@@ -433,7 +443,7 @@ pub fn to_text(plan: &LaunchPlan) -> String {
             text += &format!("  {key}={}\n", crate::shell::quote(value));
         }
         for file in &spec.files {
-            text += &format!("  {} = file containing {}\n", file.env_var, file.contents);
+            text += &format!("  {} = the file {} above\n", file.env_var, file.env_var);
         }
     }
     text

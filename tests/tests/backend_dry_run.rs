@@ -63,6 +63,7 @@ fn nccl_json_gives_each_local_rank_its_gpu() {
     let plan: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(plan["backend"], "nccl");
     assert_eq!(plan["ring_table"], serde_json::json!([]));
+    assert_eq!(plan["files"], serde_json::json!({}));
     let ranks = plan["ranks"].as_array().unwrap();
     let gpus: Vec<&str> = ranks.iter().map(|r| r["env"]["CUDA_VISIBLE_DEVICES"].as_str().unwrap()).collect();
     assert_eq!(gpus, ["0", "1", "0", "1"]);
@@ -70,7 +71,7 @@ fn nccl_json_gives_each_local_rank_its_gpu() {
         assert_eq!(rank["env"]["NCCL_DEBUG"], "INFO");
         assert_eq!(rank["env"]["NCCL_HOST_IP"], "10.0.0.1");
         assert_eq!(rank["env"]["NCCL_PORT"], "12345");
-        assert_eq!(rank["files"], serde_json::json!({}));
+        assert_eq!(rank["files"], serde_json::json!([]));
     }
 }
 
@@ -87,6 +88,7 @@ fn jaccl_text_snapshot() {
 
     assert_eq!(output.code(), Some(0), "{}", output.stderr_text());
     let expected = r#"backend jaccl, 2 ranks
+file MLX_IBV_DEVICES for every rank: [[null,"rdma_en2"],["rdma_en3",null]]
 rank 0 on m1: python3 job.py
   MLX_METAL_FAST_SYNCH=1
   MLX_JACCL_COORDINATOR=10.0.0.1:40000
@@ -98,7 +100,7 @@ rank 0 on m1: python3 job.py
   LOCAL_WORLD_SIZE=1
   MASTER_ADDR=10.0.0.1
   MASTER_PORT=40001
-  MLX_IBV_DEVICES = file containing [[null,"rdma_en2"],["rdma_en3",null]]
+  MLX_IBV_DEVICES = the file MLX_IBV_DEVICES above
 rank 1 on m2: python3 job.py
   MLX_METAL_FAST_SYNCH=1
   MLX_JACCL_COORDINATOR=10.0.0.1:40000
@@ -110,7 +112,7 @@ rank 1 on m2: python3 job.py
   LOCAL_WORLD_SIZE=1
   MASTER_ADDR=10.0.0.1
   MASTER_PORT=40001
-  MLX_IBV_DEVICES = file containing [[null,"rdma_en2"],["rdma_en3",null]]
+  MLX_IBV_DEVICES = the file MLX_IBV_DEVICES above
 "#;
     assert_eq!(output.stdout_text(), expected);
 }
@@ -136,12 +138,13 @@ fn jaccl_ring_json_needs_devices_only_to_neighbours() {
     let plan: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(plan["backend"], "jaccl-ring");
     assert_eq!(plan["world_size"], 4);
+    let devices: serde_json::Value = serde_json::from_str(plan["files"]["MLX_IBV_DEVICES"].as_str().unwrap()).unwrap();
+    assert_eq!(devices, serde_json::Value::Array(rows.clone()));
     for rank in plan["ranks"].as_array().unwrap() {
         assert_eq!(rank["env"]["MLX_JACCL_COORDINATOR"], "10.0.0.1:40000");
         assert_eq!(rank["env"]["MLX_JACCL_RING"], "1");
         assert!(rank["env"].get("MLX_HOSTFILE").is_none());
-        let devices: serde_json::Value = serde_json::from_str(rank["files"]["MLX_IBV_DEVICES"].as_str().unwrap()).unwrap();
-        assert_eq!(devices, serde_json::Value::Array(rows.clone()));
+        assert_eq!(rank["files"], serde_json::json!(["MLX_IBV_DEVICES"]));
     }
 }
 

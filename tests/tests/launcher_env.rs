@@ -179,6 +179,7 @@ fn invalid_input_exits_2_with_a_clear_message() {
         (vec!["--output-dir", &script, "true"], "exists and is not a directory"),
         (vec!["--output-dir", &read_only, "true"], "cannot create files in the directory"),
         (vec!["-p", "0", "true"], "0 is not in 1..=65535"),
+        (vec!["--hostfile", "/dev/zero", "true"], "hostfile /dev/zero is larger than 64 MiB"),
         (vec!["--tag-ouput", "--", "echo", "hi"], "a similar argument exists: '--tag-output'"),
         (vec!["--no-such-option", "echo"], "unexpected argument '--no-such-option'"),
         (vec!["--", "-dash-command"], "command not found: \"-dash-command\""),
@@ -211,7 +212,8 @@ fn dry_run_prints_the_plan_without_running() {
     assert_eq!(plan["world_size"], 2);
     assert_eq!(plan["ranks"][1]["env"]["MLX_RANK"], "1");
     assert_eq!(plan["ranks"][1]["command"][2], "touch ran");
-    assert!(plan["ranks"][0]["files"]["MLX_HOSTFILE"].as_str().unwrap().starts_with("[["));
+    assert!(plan["files"]["MLX_HOSTFILE"].as_str().unwrap().starts_with("[["));
+    assert_eq!(plan["ranks"][0]["files"], serde_json::json!(["MLX_HOSTFILE"]));
     assert!(!std::path::Path::new("ran").exists());
 
     let text = run(&mut ringleader(["-n", "2", "--dry-run", "--", "echo", "a b"]), b"").stdout_text();
