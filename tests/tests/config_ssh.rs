@@ -131,3 +131,37 @@ fn config_help_states_the_thunderbolt_limit() {
     assert_eq!(output.code(), Some(0));
     assert!(output.stdout_text().contains("Thunderbolt discovery and RDMA setup"), "{}", output.stdout_text());
 }
+
+/// ssh clients run in process groups of their own, so config must stop them
+/// itself when it is interrupted.
+#[test]
+fn interrupted_config_leaves_no_ssh_client() {
+    let sshd = Sshd::start();
+    // The kernel completes connections into the backlog; nothing ever reads them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = format!("Port={}", silent.local_addr().unwrap().port());
+    let config_file = sshd.config_file();
+    let config_path = config_file.to_str().unwrap();
+    let mut command = ringleader([
+        "config", "--ssh-config", config_path, "--hosts", "host-a", "--ssh-option", &port, "--connect-timeout", "60",
+    ]);
+    let child = ringleader_tests::start(&mut command);
+    let config_pid = child.id();
+    // The ssh clients name the config file too; config itself does not count.
+    let ssh_clients = || -> Vec<u32> {
+        ringleader_tests::processes_with(config_path).into_iter().filter(|&pid| pid != config_pid).collect()
+    };
+    let deadline = std::time::Instant::now() + ringleader_tests::HANG_LIMIT;
+    while ssh_clients().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "config started no ssh client");
+        // Polling interval, not synchronisation: the deadline above bounds the wait.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let output = ringleader_tests::finish(child);
+
+    assert_eq!(output.code(), Some(143), "{}", output.stderr_text());
+    assert!(output.stderr_text().contains("interrupted; no hostfile written"), "{}", output.stderr_text());
+    assert_eq!(ssh_clients(), Vec::<u32>::new(), "ssh clients outlived config");
+}

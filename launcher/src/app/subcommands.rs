@@ -51,7 +51,7 @@ pub fn run_doctor(cli: DoctorCli) -> i32 {
         .enable_all()
         .build()
         .expect("a tokio runtime can be built");
-    runtime.block_on(async {
+    let work = async {
         let hosts = hostfile.hosts.iter().map(|host| host.ssh.as_str());
         let spawner = match HostSpawner::for_hosts(hosts, cli.ssh.to_options(Duration::from_secs(1))) {
             Ok(spawner) => Arc::new(spawner),
@@ -71,7 +71,33 @@ pub fn run_doctor(cli: DoctorCli) -> i32 {
         } else {
             exit::FAILURE
         }
-    })
+    };
+    match runtime.block_on(until_signal(work)) {
+        Ok(code) => code,
+        Err(code) => {
+            eprintln!("ringleader doctor: interrupted; stopped the probes");
+            code
+        }
+    }
+}
+
+/// Runs `work` until it finishes or the process gets SIGINT, SIGTERM or
+/// SIGHUP. On a signal, `work` is dropped, which kills the ssh clients it
+/// started (they run in process groups of their own, so the terminal's
+/// signals do not reach them), and the signal's exit code is returned as
+/// the error.
+async fn until_signal<T>(work: impl std::future::Future<Output = T>) -> Result<T, i32> {
+    let mut signals = match crate::signals::os_signals() {
+        Ok(signals) => signals,
+        Err(error) => {
+            tracing::warn!(%error, "cannot install signal handlers; an interrupt may leave ssh clients running");
+            return Ok(work.await);
+        }
+    };
+    tokio::select! {
+        result = work => Ok(result),
+        Some(signal) = signals.recv() => Err(signal.exit_code()),
+    }
 }
 
 /// Picks the addresses doctor checks for the job's backend: the ring table,
@@ -144,11 +170,19 @@ pub fn run_config(cli: ConfigCli) -> i32 {
         .expect("a tokio runtime can be built");
     let options = cli.ssh.to_options(Duration::from_secs(1));
     let timeout = options.connect_timeout + options.start_timeout;
-    let results = runtime.block_on(async {
+    let results = runtime.block_on(until_signal(async {
         let hosts = hostfile.hosts.iter().map(|host| host.ssh.as_str());
         let spawner = HostSpawner::for_hosts(hosts, options)?;
         Ok::<_, std::io::Error>(distconfig::query_hosts(&hostfile.hosts, Arc::new(spawner), timeout).await)
-    });
+    }));
+    drop(runtime);
+    let results = match results {
+        Err(code) => {
+            eprintln!("ringleader config: interrupted; no hostfile written");
+            return code;
+        }
+        Ok(results) => results,
+    };
     let results = match results {
         Ok(results) => results,
         Err(error) => {
