@@ -149,7 +149,7 @@ pub fn hostfile_json(hosts: &[(Host, Vec<String>)], backend: Backend, envs: &[St
     let hosts: Vec<Value> = hosts
         .iter()
         .map(|(host, ips)| {
-            let mut entry = json!({"ssh": host.ssh, "ips": ips, "rdma": []});
+            let mut entry = json!({"ssh": host.ssh, "ips": ips, "rdma": host.rdma});
             if let Some(user) = &host.target.user {
                 entry["user"] = json!(user);
             }

@@ -56,11 +56,11 @@ pub struct Hostfile {
     pub envs: Vec<String>,
 }
 
-/// Errors in `--hosts` or a hostfile. Each names the file, entry and field.
-
 /// Largest hostfile read: 100,000 hosts with a few long addresses each fit
 /// in a small fraction of it.
 const MAX_HOSTFILE_BYTES: u64 = 64 << 20;
+
+/// Errors in `--hosts` or a hostfile. Each names the file, entry and field.
 #[derive(Debug, thiserror::Error)]
 pub enum HostfileError {
     #[error("invalid --hosts value {list:?}: {reason}")]

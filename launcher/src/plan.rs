@@ -53,7 +53,7 @@ pub struct LaunchPlan {
 pub enum PlanError {
     #[error("invalid environment entry {entry:?}: {reason}")]
     InvalidEnv { entry: String, reason: String },
-    #[error("--env {key}: {key} is not set in the launcher's environment\nhint: give a value with --env {key}=VALUE")]
+    #[error("{key} (from --env or the hostfile's \"envs\") is not set in the launcher's environment, so it cannot be forwarded\nhint: give a value as {key}=VALUE, or set {key} before launching")]
     UnsetEnv { key: String },
     #[error("the ring backend needs IP addresses, but host {index} ({host}) has none\nhint: list hosts by IP address in --hosts, or add \"ips\" to its hostfile entry (ringleader config writes a hostfile with them)")]
     MissingIps { index: usize, host: String },

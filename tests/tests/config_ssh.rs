@@ -165,3 +165,39 @@ fn interrupted_config_leaves_no_ssh_client() {
     assert!(output.stderr_text().contains("interrupted; no hostfile written"), "{}", output.stderr_text());
     assert_eq!(ssh_clients(), Vec::<u32>::new(), "ssh clients outlived config");
 }
+
+/// Refreshing the addresses of an existing hostfile keeps everything else.
+#[test]
+fn input_hostfile_keeps_backend_envs_rdma_and_duplicates() {
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.json");
+    std::fs::write(
+        &input,
+        r#"{"backend": "jaccl", "envs": ["MLX_METAL_FAST_SYNCH=1"], "hosts": [
+            {"ssh": "host-a", "ips": ["10.0.0.1"], "rdma": [null, "rdma_en2", "rdma_en3"]},
+            {"ssh": "host-b", "ips": ["10.0.0.2"], "rdma": ["rdma_en2", null, "rdma_en4"]},
+            {"ssh": "host-a", "ips": ["10.0.0.1"], "rdma": ["rdma_en3", "rdma_en4", null]}]}"#,
+    )
+    .unwrap();
+    let output = config(&sshd, &["--hostfile", input.to_str().unwrap(), "--env", "EXTRA=2"]);
+
+    assert_eq!(output.code(), Some(0), "{}", output.stderr_text());
+    let written: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(written["backend"], "jaccl");
+    assert_eq!(written["envs"], serde_json::json!(["MLX_METAL_FAST_SYNCH=1", "EXTRA=2"]));
+    let hosts = written["hosts"].as_array().unwrap();
+    let names: Vec<&str> = hosts.iter().map(|h| h["ssh"].as_str().unwrap()).collect();
+    assert_eq!(names, ["host-a", "host-b", "host-a"]);
+    assert_eq!(hosts[1]["rdma"], serde_json::json!(["rdma_en2", null, "rdma_en4"]));
+    assert!(!output.stderr_text().contains("rdma"), "{}", output.stderr_text());
+}
+
+#[test]
+fn jaccl_without_devices_gets_a_warning() {
+    let sshd = Sshd::start();
+    let output = config(&sshd, &["--hosts", "host-a,host-b", "--backend", "jaccl"]);
+
+    assert_eq!(output.code(), Some(0), "{}", output.stderr_text());
+    assert!(output.stderr_text().contains("needs each host's \"rdma\" device list"), "{}", output.stderr_text());
+}

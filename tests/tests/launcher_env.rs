@@ -172,7 +172,7 @@ fn invalid_input_exits_2_with_a_clear_message() {
         (vec!["./missing-program"], "does not exist"),
         (vec!["--cwd", "/nonexistent/dir", "true"], "--cwd /nonexistent/dir: does not exist"),
         (vec!["--env", "1BAD=x", "true"], "invalid environment entry \"1BAD=x\""),
-        (vec!["--env", "RINGLEADER_SURELY_UNSET", "true"], "RINGLEADER_SURELY_UNSET is not set"),
+        (vec!["--env", "RINGLEADER_SURELY_UNSET", "true"], "RINGLEADER_SURELY_UNSET (from --env or the hostfile's \"envs\") is not set"),
         (vec!["--hostfile", &no_ips, "true"], "host 0 (127.0.0.1) has none"),
         (vec!["-n", "0", "true"], "0 is not in 1"),
         (vec!["--grace", "soon", "true"], "invalid number of seconds"),

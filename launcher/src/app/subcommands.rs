@@ -160,9 +160,10 @@ pub fn run_config(cli: ConfigCli) -> i32 {
             return exit::USAGE;
         }
     };
-    // A host listed twice (for two ranks) is asked once.
+    // A host listed twice (for two ranks) is asked once, and written twice.
+    let all_hosts = std::mem::take(&mut hostfile.hosts);
     let mut seen = std::collections::HashSet::new();
-    hostfile.hosts.retain(|host| seen.insert(host.ssh.clone()));
+    hostfile.hosts = all_hosts.iter().filter(|host| seen.insert(host.ssh.clone())).cloned().collect();
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -191,15 +192,15 @@ pub fn run_config(cli: ConfigCli) -> i32 {
         }
     };
 
-    let mut configured = Vec::new();
+    let mut reached = std::collections::HashMap::new();
     let mut failed = 0;
-    for (host, result) in hostfile.hosts.into_iter().zip(results) {
+    for (host, result) in hostfile.hosts.iter().zip(results) {
         match result {
             distconfig::HostResult::Reached { ips } => {
                 if ips.is_empty() {
                     eprintln!("ringleader config: warning: {}: no IPv4 address found; the ring backend needs one in \"ips\"", host.ssh);
                 }
-                configured.push((host, ips));
+                reached.insert(host.ssh.clone(), ips);
             }
             distconfig::HostResult::Failed { reason } => {
                 eprintln!("ringleader config: {}: {reason}", host.ssh);
@@ -207,6 +208,10 @@ pub fn run_config(cli: ConfigCli) -> i32 {
             }
         }
     }
+    let configured: Vec<(crate::hostfile::Host, Vec<String>)> = all_hosts
+        .into_iter()
+        .filter_map(|host| reached.get(&host.ssh).map(|ips| (host.clone(), ips.clone())))
+        .collect();
     if failed > 0 && !cli.ignore_unreachable {
         eprintln!("ringleader config: error: {failed} host(s) failed; no hostfile written\nhint: set up passwordless ssh (ssh-copy-id) or pass --ignore-unreachable to leave them out");
         return exit::FAILURE;
@@ -216,7 +221,28 @@ pub fn run_config(cli: ConfigCli) -> i32 {
         return exit::FAILURE;
     }
 
-    let value = distconfig::hostfile_json(&configured, cli.backend.unwrap_or(Backend::Ring), &cli.env);
+    // An input hostfile's backend and variables carry over; the command
+    // line's come on top.
+    let backend = match (cli.backend, hostfile.backend.as_deref()) {
+        (Some(backend), _) => backend,
+        (None, Some(name)) => match Backend::parse(name) {
+            Some(backend) => backend,
+            None => {
+                eprintln!("ringleader config: error: unknown backend {name:?} in the input hostfile\nhint: use one of ring, mpi, nccl, jaccl, jaccl-ring");
+                return exit::USAGE;
+            }
+        },
+        (None, None) => Backend::Ring,
+    };
+    let mut envs = hostfile.envs.clone();
+    envs.extend(cli.env.iter().cloned());
+    if matches!(backend, Backend::Jaccl | Backend::JacclRing) && configured.iter().any(|(host, _)| host.rdma.is_empty()) {
+        eprintln!(
+            "ringleader config: warning: the {} backend needs each host's \"rdma\" device list, which config cannot discover (Thunderbolt discovery needs macOS); fill them in before launching",
+            backend.name()
+        );
+    }
+    let value = distconfig::hostfile_json(&configured, backend, &envs);
     let text = serde_json::to_string_pretty(&value).expect("JSON values serialize") + "\n";
     match &cli.output_hostfile {
         Some(path) => {

@@ -123,7 +123,7 @@ fn env_errors() {
         ("1A=x", "invalid environment entry"),
         ("A-B=x", "invalid environment entry"),
         ("=x", "invalid environment entry"),
-        ("UNSET_VAR", "UNSET_VAR is not set"),
+        ("UNSET_VAR", "UNSET_VAR (from --env or the hostfile's \"envs\") is not set"),
     ] {
         let mut opts = options(Backend::Ring);
         opts.env = vec![entry.into()];
