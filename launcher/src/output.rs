@@ -104,7 +104,7 @@ pub fn start_writer(
     let writer = Writer {
         sink: BufWriter::with_capacity(SINK_BUFFER, sink),
         labels,
-        at_line_start: vec![true; sources],
+        line_position: vec![LinePosition::Start; sources],
         dangling: None,
         owner: None,
         owner_since: Instant::now(),
@@ -193,11 +193,22 @@ impl StreamWriter {
     }
 }
 
+/// Where a source's next byte goes, for `--tag-output` labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LinePosition {
+    /// At the start of a line, before its label.
+    Start,
+    /// After a `\r` that followed text: a redraw, unless `\n` comes next.
+    AfterCarriageReturn,
+    /// After the label and some text.
+    Middle,
+}
+
 struct Writer {
     sink: BufWriter<ByteWriter>,
     labels: Option<Vec<String>>,
-    /// Per source, whether its next byte starts a line (for labels).
-    at_line_start: Vec<bool>,
+    /// Per source, where its next byte goes in the line (for labels).
+    line_position: Vec<LinePosition>,
     /// The source whose partial line is on the sink, if any.
     owner: Option<usize>,
     /// A source whose stream ended mid-line; its line is ended only if
@@ -334,12 +345,26 @@ impl Writer {
             Some(labels) => {
                 self.scratch.clear();
                 let label = labels[source].as_bytes();
-                for line in bytes.split_inclusive(|&b| b == b'\n') {
-                    if self.at_line_start[source] {
+                // A `\r` (a progress bar's redraw) also starts a line on a
+                // terminal, so the label follows it too, unless the `\r` ends
+                // the line with a `\n` ("\r\n") or repeats.
+                for &byte in bytes {
+                    let position = self.line_position[source];
+                    let labelled = match position {
+                        LinePosition::Start => byte != b'\r',
+                        LinePosition::AfterCarriageReturn => byte != b'\r' && byte != b'\n',
+                        LinePosition::Middle => false,
+                    };
+                    if labelled {
                         self.scratch.extend_from_slice(label);
                     }
-                    self.scratch.extend_from_slice(line);
-                    self.at_line_start[source] = line.last() == Some(&b'\n');
+                    self.scratch.push(byte);
+                    self.line_position[source] = match byte {
+                        b'\n' => LinePosition::Start,
+                        b'\r' if position != LinePosition::Start => LinePosition::AfterCarriageReturn,
+                        b'\r' => LinePosition::Start,
+                        _ => LinePosition::Middle,
+                    };
                 }
                 self.sink.write_all(&self.scratch).await
             }

@@ -93,6 +93,18 @@ fn tag_output_prefixes_rank_and_host() {
     assert!(output.stderr_text().contains("[1 127.0.0.1] oops\n"), "{}", output.stderr_text());
 }
 
+/// A progress bar redraws its line after `\r`; the tag must come back with
+/// it, or the terminal shows the redraw over the tag.
+#[test]
+fn tag_output_follows_carriage_returns() {
+    let script = r#"printf 'step 1\rstep 2\rdone\r\n\nlast\n'"#;
+    let output = run(&mut ringleader(["--tag-output", "--", "sh", "-c", script]), b"");
+
+    let tag = "[0 127.0.0.1] ";
+    let expected = format!("{tag}step 1\r{tag}step 2\r{tag}done\r\n{tag}\n{tag}last\n");
+    assert_eq!(output.stdout_text(), expected);
+}
+
 #[test]
 fn output_dir_keeps_each_rank_stream() {
     let dir = tempfile::tempdir().unwrap();
