@@ -100,6 +100,19 @@ fn bench_help_explains_usage_and_units() {
 
 /// Starts rank `rank` of a three-rank `ringleader-bench` job directly (no
 /// launcher, so that nothing tears the survivors down on our behalf).
+#[test]
+fn bench_rejects_size_ranges_that_run_nothing() {
+    for (args, expected) in [
+        (["-b", "16M", "-e", "1K", "-d", "float32"], "--min-bytes 16777216 is larger than --max-bytes 1024"),
+        (["-b", "3", "-e", "7", "-d", "float32"], "--min-bytes 3 is smaller than one float32 element (4 bytes)"),
+        (["-b", "0", "-e", "0", "-d", "uint8"], "--min-bytes 0 is smaller than one uint8 element (1 byte)"),
+    ] {
+        let finished = run_with_limit(Command::new(launcher_bin("ringleader-bench")).args(args), JOB_LIMIT);
+        assert_eq!(finished.status.code(), Some(2), "{args:?}");
+        assert!(finished.stderr.contains(expected), "{args:?}: {}", finished.stderr);
+    }
+}
+
 fn start_bench_rank(rank: usize, hostfile: &std::path::Path) -> std::process::Child {
     Command::new(launcher_bin("ringleader-bench"))
         .args(["-b", "64M", "-e", "64M", "-o", "all-sum", "-n", "100000"])

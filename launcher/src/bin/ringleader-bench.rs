@@ -8,7 +8,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 use half::{bf16, f16};
 use ringleader::ring::{Element, Group, RingError};
 use tokio::time::Instant;
@@ -86,6 +86,38 @@ enum Dtype {
     Int32,
     Int64,
     Uint8,
+}
+
+impl Dtype {
+    fn element_bytes(self) -> usize {
+        match self {
+            Dtype::Float32 | Dtype::Int32 => 4,
+            Dtype::Float16 | Dtype::Bfloat16 => 2,
+            Dtype::Int64 => 8,
+            Dtype::Uint8 => 1,
+        }
+    }
+}
+
+/// Checks the size range, which clap cannot relate to the element type.
+fn check_sizes(args: &Args) -> Result<(), String> {
+    let element = args.dtype.element_bytes();
+    if args.min_bytes < element {
+        let name = args.dtype.to_possible_value().expect("every dtype has a name");
+        let unit = if element == 1 { "byte" } else { "bytes" };
+        return Err(format!(
+            "--min-bytes {} is smaller than one {} element ({element} {unit})",
+            args.min_bytes,
+            name.get_name()
+        ));
+    }
+    if args.min_bytes > args.max_bytes {
+        return Err(format!(
+            "--min-bytes {} is larger than --max-bytes {}, so no size would run",
+            args.min_bytes, args.max_bytes
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -191,6 +223,9 @@ impl Measurement {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    if let Err(message) = check_sizes(&args) {
+        Args::command().error(clap::error::ErrorKind::ValueValidation, message).exit();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
