@@ -236,7 +236,12 @@ fn prepare_plan(cli: &Cli, mut hostfile: Hostfile, backend: Backend) -> Result<L
         command: cli.command.clone(),
         python: cli.python.clone(),
         env,
-        cwd: cli.cwd.as_ref().map(PathBuf::from),
+        // A relative --cwd means the same directory on every host: the one
+        // it names from where the launcher runs.
+        cwd: cli.cwd.as_ref().map(|cwd| match std::env::current_dir() {
+            Ok(current) => current.join(cwd),
+            Err(_) => PathBuf::from(cwd),
+        }),
         default_cwd: std::env::current_dir().ok(),
         starting_port: cli.starting_port,
         connections_per_ip: cli.connections_per_ip,

@@ -248,3 +248,19 @@ fn sshd_sessions_end(sshd: &Sshd, limit: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A relative --cwd names the same directory for ssh ranks as for local
+/// ones: relative to where the launcher runs, not to the login directory.
+#[test]
+fn relative_cwd_is_resolved_where_the_launcher_runs() {
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("work")).unwrap();
+    let mut command = remote_job(&sshd, &HOST_ALIASES[..1], &["--cwd", "work"], "pwd");
+    command.current_dir(dir.path());
+    let output = run(&mut command, b"");
+
+    assert_eq!(output.code(), Some(0), "{}", output.stderr_text());
+    let expected = dir.path().canonicalize().unwrap().join("work");
+    assert_eq!(output.stdout_text().trim(), expected.to_str().unwrap());
+}
