@@ -59,6 +59,9 @@ pub fn run(cli: Cli) -> i32 {
             return exit::USAGE;
         }
     };
+    for key in &plan.overridden_env {
+        eprintln!("ringleader: warning: {key} from --env or the hostfile has no effect: the launcher sets it for every rank");
+    }
     if cli.dry_run {
         if cli.json {
             println!("{}", serde_json::to_string_pretty(&plan::to_json(&plan)).expect("JSON values serialize"));

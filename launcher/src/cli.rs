@@ -95,9 +95,10 @@ pub struct Cli {
     #[arg(long, help_heading = "Ranks")]
     pub print_python: bool,
 
-    /// Ranks that receive the launcher's stdin. A launcher started in the
-    /// background (`&`) leaves the terminal alone, and with --backend mpi,
-    /// mpirun passes stdin to rank 0 only.
+    /// Ranks that receive the launcher's stdin. With `all`, a rank that never
+    /// reads its stdin holds the others back once its pipe is full. A
+    /// launcher started in the background (`&`) leaves the terminal alone,
+    /// and with --backend mpi, mpirun passes stdin to rank 0 only.
     #[arg(long, value_enum, default_value_t = StdinMode::All, value_name = "WHO", help_heading = "Ranks")]
     pub stdin: StdinMode,
 

@@ -46,7 +46,22 @@ pub struct LaunchPlan {
     pub ranks: Vec<RankSpec>,
     /// Ring addresses of each rank, `[["ip:port", ...], ...]`; empty for other backends.
     pub ring_table: Vec<Vec<String>>,
+    /// Variables from `--env` or the hostfile that the launcher sets itself
+    /// for every rank, so the user's value has no effect.
+    pub overridden_env: Vec<String>,
 }
+
+/// Variables the launcher sets for each rank on every backend.
+const PER_RANK_VARIABLES: [&str; 8] = [
+    "MLX_RANK",
+    "MLX_WORLD_SIZE",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+];
 
 /// Invalid combinations of hosts and options, found before anything starts.
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +182,7 @@ pub fn build(
             // distinct GPUs for such hostfiles.
             env.push(("CUDA_VISIBLE_DEVICES".into(), local_rank.to_string()));
         }
+        // The same names, in the same order, as PER_RANK_VARIABLES.
         env.extend([
             ("MLX_RANK".to_string(), rank.to_string()),
             ("MLX_WORLD_SIZE".to_string(), world_size.to_string()),
@@ -194,10 +210,23 @@ pub fn build(
         });
     }
 
+    let mut launcher_keys: Vec<&str> = PER_RANK_VARIABLES.to_vec();
+    launcher_keys.extend(shared_env.iter().map(|(key, _)| key.as_str()));
+    launcher_keys.extend(shared_files.iter().map(|file| file.env_var.as_str()));
+    if options.backend == Backend::Nccl {
+        launcher_keys.push("CUDA_VISIBLE_DEVICES");
+    }
+    let mut overridden_env: Vec<String> = Vec::new();
+    for (key, _) in parse_env_entries(&options.env, lookup_env)? {
+        if launcher_keys.contains(&key.as_str()) && !overridden_env.contains(&key) {
+            overridden_env.push(key);
+        }
+    }
     Ok(LaunchPlan {
         backend: options.backend,
         ranks,
         ring_table,
+        overridden_env,
     })
 }
 

@@ -204,6 +204,17 @@ fn master_port_overflow_names_the_option_to_change() {
 }
 
 #[test]
+fn user_values_of_launcher_variables_are_reported() {
+    let hosts = Hostfile::from_list("127.0.0.1", 2).unwrap();
+    let mut opts = options(Backend::Ring);
+    opts.env = vec!["MLX_RANK=7".into(), "FOO=1".into(), "MLX_HOSTFILE=/x".into(), "MLX_RANK=8".into()];
+    let plan = build(&hosts, &opts, &no_env).unwrap();
+    assert_eq!(plan.overridden_env, ["MLX_RANK", "MLX_HOSTFILE"]);
+    assert_eq!(env_of(&plan.ranks[1], "MLX_RANK").unwrap(), "1");
+    assert_eq!(env_of(&plan.ranks[1], "FOO").unwrap(), "1");
+}
+
+#[test]
 fn stdin_modes() {
     let hosts = Hostfile::from_list("127.0.0.1", 2).unwrap();
     let mut opts = options(Backend::Ring);
