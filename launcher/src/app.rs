@@ -313,7 +313,7 @@ fn prepare_mpi(cli: &Cli, hostfile: &Hostfile) -> Result<MpiCommand, LaunchError
     Ok(command)
 }
 
-/// The launcher's ssh settings as arguments for mpirun's own ssh.
+/// Returns the launcher's ssh settings as arguments for mpirun's own ssh.
 fn mpi_ssh_args(cli: &Cli) -> Vec<String> {
     let mut args = Vec::new();
     if let Some(config) = &cli.ssh_config {
@@ -398,8 +398,8 @@ impl HostSpawner {
     }
 }
 
-/// The running `ringleader` binary, started again as the guard of local
-/// ranks. On Linux, /proc/self/exe works even after the file was replaced.
+/// Returns the path of the running `ringleader` binary, started again as
+/// the guard of local ranks. On Linux, /proc/self/exe works even after the file was replaced.
 fn guard_program() -> Option<PathBuf> {
     if cfg!(target_os = "linux") {
         return Some(PathBuf::from("/proc/self/exe"));

@@ -193,7 +193,7 @@ impl StreamWriter {
     }
 }
 
-/// Where a source's next byte goes, for `--tag-output` labels.
+/// The position of a source's next byte in its line, for `--tag-output` labels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum LinePosition {
     /// At the start of a line, before its label.

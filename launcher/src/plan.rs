@@ -449,7 +449,7 @@ pub fn to_json(plan: &LaunchPlan) -> Value {
     })
 }
 
-/// The files of the plan, each once. Every rank gets the same files, so a
+/// Returns the files of the plan, each once. Every rank gets the same files, so a
 /// rank lists only their variables and the contents appear once: printing
 /// them per rank would grow with the square of the rank count.
 fn shared_files(plan: &LaunchPlan) -> impl Iterator<Item = &RankFile> {

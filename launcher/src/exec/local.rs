@@ -41,8 +41,8 @@ pub struct LocalSpawner {
 }
 
 impl LocalSpawner {
-    /// Creates a spawner whose ranks live only as long as the launcher
-    /// tears them down: a launcher killed with SIGKILL leaves them running.
+    /// Creates a spawner without a guard: ranks of a launcher killed with
+    /// SIGKILL keep running.
     pub fn new(grace: Duration) -> LocalSpawner {
         LocalSpawner {
             grace,
