@@ -399,7 +399,8 @@ impl HostSpawner {
 }
 
 /// Returns the path of the running `ringleader` binary, started again as
-/// the guard of local ranks. On Linux, /proc/self/exe works even after the file was replaced.
+/// the guard of local ranks. On Linux, /proc/self/exe works even after the
+/// file was replaced.
 fn guard_program() -> Option<PathBuf> {
     if cfg!(target_os = "linux") {
         return Some(PathBuf::from("/proc/self/exe"));

@@ -449,9 +449,10 @@ pub fn to_json(plan: &LaunchPlan) -> Value {
     })
 }
 
-/// Returns the files of the plan, each once. Every rank gets the same files, so a
-/// rank lists only their variables and the contents appear once: printing
-/// them per rank would grow with the square of the rank count.
+/// Returns the files of the plan, each once. Every rank gets the same
+/// files, so a rank lists only their variables and the contents appear
+/// once: printing them per rank would grow with the square of the rank
+/// count.
 fn shared_files(plan: &LaunchPlan) -> impl Iterator<Item = &RankFile> {
     plan.ranks.first().into_iter().flat_map(|spec| spec.files.iter())
 }
