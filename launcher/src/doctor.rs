@@ -402,7 +402,10 @@ pub fn render(rows: &[Row]) -> String {
             Status::Failed => "FAILED",
             Status::Skipped => "skipped",
         };
-        let line = format!("{:<8} {:<subject_width$} {:<7} {}", row.check, row.subject, status, row.detail);
+        // A multi-line detail (ssh's message and its hint) would break the
+        // table; the full text follows the table in the failure list.
+        let detail = row.detail.lines().next().unwrap_or_default();
+        let line = format!("{:<8} {:<subject_width$} {:<7} {}", row.check, row.subject, status, detail);
         text += line.trim_end();
         text += "\n";
     }
@@ -470,5 +473,19 @@ mod tests {
     fn edge_failures_name_both_ranks_and_the_address() {
         let rows = [Row::new("edge", "rank 2 (c) -> rank 3 (d)", Status::Failed, "10.0.0.4:32326: Connection refused")];
         assert_eq!(failures(&rows), ["rank 2 (c) cannot reach rank 3 (d) at 10.0.0.4:32326: Connection refused"]);
+    }
+
+    #[test]
+    fn multi_line_detail_keeps_one_row() {
+        let rows = vec![Row {
+            check: "ssh",
+            subject: "node01".into(),
+            status: Status::Failed,
+            detail: "Connection refused\nhint: check that `ssh node01 true` works".into(),
+        }];
+        let table = render(&rows);
+        assert_eq!(table.lines().count(), 2, "{table}");
+        assert!(table.lines().nth(1).unwrap().ends_with("FAILED  Connection refused"), "{table}");
+        assert!(failures(&rows)[0].contains("hint: check that"), "{:?}", failures(&rows));
     }
 }
