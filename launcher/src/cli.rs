@@ -107,8 +107,9 @@ pub struct Cli {
           help_heading = "Supervision")]
     pub grace: f64,
 
-    /// Stop the whole job after this many seconds and exit 124; 0 means no limit, as
-    /// for timeout(1) [default: no limit].
+    /// Stop the whole job after this many seconds and exit 124; a suffix m, h or d
+    /// gives minutes, hours or days, and 0 means no limit, as for timeout(1)
+    /// [default: no limit].
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, help_heading = "Supervision")]
     pub timeout: Option<f64>,
 
@@ -250,7 +251,7 @@ pub struct DoctorCli {
     pub nccl_port: u16,
 
     /// Seconds each stage of the probes may take (start and report, then connect).
-    #[arg(long, default_value_t = 30.0, value_name = "SECONDS", value_parser = parse_seconds)]
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS", value_parser = parse_positive_seconds)]
     pub timeout: f64,
 
     #[command(flatten)]
@@ -359,18 +360,48 @@ pub enum StdinMode {
     None,
 }
 
+/// Parses a duration in seconds, with timeout(1)'s optional unit suffix:
+/// `s` (seconds), `m` (minutes), `h` (hours) or `d` (days).
 fn parse_seconds(text: &str) -> Result<f64, String> {
-    let seconds: f64 = text
+    let (number, unit) = match text.char_indices().last() {
+        Some((at, 's')) => (&text[..at], 1.0),
+        Some((at, 'm')) => (&text[..at], 60.0),
+        Some((at, 'h')) => (&text[..at], 3600.0),
+        Some((at, 'd')) => (&text[..at], 86400.0),
+        _ => (text, 1.0),
+    };
+    let value: f64 = number
         .parse()
-        .map_err(|_| format!("invalid number of seconds: {text:?}"))?;
+        .map_err(|_| format!("invalid number of seconds: {text:?} (examples: 30, 2.5, 10m, 1h)"))?;
+    let seconds = value * unit;
     if !seconds.is_finite() || !(0.0..=1e9).contains(&seconds) {
         return Err(format!("seconds must be between 0 and 1e9, got {text}"));
     }
     Ok(seconds)
 }
 
+/// Parses a duration as [`parse_seconds`] does, but rejects 0.
+fn parse_positive_seconds(text: &str) -> Result<f64, String> {
+    match parse_seconds(text)? {
+        seconds if seconds > 0.0 => Ok(seconds),
+        _ => Err(format!("must be more than 0 seconds, got {text}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn durations_take_timeouts_unit_suffixes() {
+        for (text, seconds) in [("30", 30.0), ("2.5", 2.5), ("45s", 45.0), ("10m", 600.0), ("1.5h", 5400.0), ("1d", 86400.0)] {
+            assert_eq!(parse_seconds(text), Ok(seconds), "{text}");
+        }
+        for text in ["", "m", "10x", "-1", "1e10", "nan", "ten"] {
+            assert!(parse_seconds(text).is_err(), "{text}");
+        }
+        assert!(parse_positive_seconds("0").is_err());
+        assert_eq!(parse_positive_seconds("0.5"), Ok(0.5));
+    }
+
     use super::*;
 
     fn parse(args: &[&str]) -> Cli {

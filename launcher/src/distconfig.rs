@@ -59,7 +59,7 @@ pub async fn query_hosts(hosts: &[Host], spawner: Arc<dyn Spawner>, timeout: Dur
         tasks.push(tokio::spawn(async move {
             match tokio::time::timeout(timeout, query_host(spawner.as_ref(), &spec)).await {
                 Ok(result) => result,
-                Err(_) => HostResult::Failed { reason: format!("no answer within {} s", timeout.as_secs()) },
+                Err(_) => HostResult::Failed { reason: format!("no answer within {} s", timeout.as_secs_f64()) },
             }
         }));
     }

@@ -242,7 +242,7 @@ async fn run_probe(spawner: Arc<dyn Spawner>, spec: RankSpec, timeout: Duration,
             return;
         }
         Err(_) => {
-            let detail = format!("the probe did not start within {} s", timeout.as_secs());
+            let detail = format!("the probe did not start within {} s", timeout.as_secs_f64());
             let _ = started.send(Started { rows: vec![Row::new(transport, &subject, Status::Failed, detail)], listening: Vec::new(), running: false });
             return;
         }
@@ -270,7 +270,7 @@ async fn run_probe(spawner: Arc<dyn Spawner>, spec: RankSpec, timeout: Duration,
         let _ = control.signal(RankSignal::Kill).await;
         let error = stderr_text.await.unwrap_or_default();
         let detail = match stage_one {
-            Err(_) => format!("the probe did not report within {} s", timeout.as_secs()),
+            Err(_) => format!("the probe did not report within {} s", timeout.as_secs_f64()),
             Ok(_) => format!("the probe ended early: {}", error.trim()),
         };
         report.rows.push(Row::new("probe", &subject, Status::Failed, detail));
