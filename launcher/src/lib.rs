@@ -22,6 +22,37 @@
 //! - [`distconfig`]: `ringleader config`, which writes a hostfile from each host's addresses.
 //! - [`app`]: ties the pieces together for the `ringleader` binary.
 
+// The launcher writes its messages to streams it does not own: a closed
+// pipe (`--dry-run | head -1`) or a full disk (`2>/dev/full`) must not turn
+// into a panic with exit code 101 in place of the job's own code. These
+// shadow the standard macros in this crate, and in the workspace's binaries
+// that import them, and ignore failed writes.
+
+/// Prints a line to stdout like `std::println!`, ignoring a failed write.
+#[macro_export]
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+/// Prints to stdout like `std::print!`, ignoring a failed write.
+#[macro_export]
+macro_rules! print {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+/// Prints a line to stderr like `std::eprintln!`, ignoring a failed write.
+#[macro_export]
+macro_rules! eprintln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod app;
 pub mod cli;
 pub mod distconfig;

@@ -1,6 +1,8 @@
 //! `ringleader-sim`: run the launcher against a simulated cluster with
 //! faults, sweep many seeds, shrink failures and replay them.
 
+// Failed writes to stdout or stderr are ignored instead of panicking.
+use ringleader::{eprintln, println};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;

@@ -209,3 +209,21 @@ fn output_lost_to_a_full_disk_is_reported_once() {
     assert_eq!(stderr.matches("writing the ranks' output failed").count(), 1, "{stderr}");
     assert!(stderr.contains("No space left on device"), "{stderr}");
 }
+
+/// The launcher's own messages must not panic (exit 101) when stderr or
+/// stdout cannot be written.
+#[test]
+fn unwritable_stderr_keeps_the_jobs_exit_code() {
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("open /dev/full");
+    let mut command = ringleader(["-n", "2", "--", "sh", "-c", "exit 3"]);
+    command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(full);
+    let status = command.status().expect("run the launcher");
+    assert_eq!(status.code(), Some(3));
+
+    let mut dry_run = ringleader(["-n", "2000", "--dry-run", "--", "true"]);
+    dry_run.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = dry_run.spawn().expect("start the dry run");
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("wait for the dry run");
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+}

@@ -252,7 +252,14 @@ pub fn run_config(cli: ConfigCli) -> i32 {
             }
             eprintln!("ringleader config: wrote {} with {} hosts", path.display(), configured.len());
         }
-        None => print!("{text}"),
+        None => {
+            use std::io::Write as _;
+            let mut stdout = std::io::stdout().lock();
+            if let Err(error) = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+                eprintln!("ringleader config: error: cannot write the hostfile to stdout: {error}\nhint: pass --output-hostfile FILE");
+                return exit::FAILURE;
+            }
+        }
     }
     exit::SUCCESS
 }
