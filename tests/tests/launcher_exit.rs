@@ -326,3 +326,23 @@ fn detached_process_is_stopped_at_job_end() {
     let stderr = output.stderr_text();
     assert!(stderr.contains("had left its rank's process group and outlived the job"), "{stderr}");
 }
+
+/// Shells start background jobs with SIGINT ignored, so after a forwarded
+/// SIGINT such leftovers need SIGTERM, not the whole grace period.
+#[test]
+fn interrupt_sends_sigterm_to_leftovers_ignoring_it() {
+    let marker = unique_marker("int-leftover");
+    let env = format!("TEST_MARKER={marker}");
+    let mut command = ringleader(["--grace", "60", "--stdin", "none", "--env", &env, "--"]);
+    command.args(sh("sleep 300 & echo ready; wait"));
+    let mut child = start(&mut command);
+    let mut lines = lines_of(child.stdout.take().unwrap());
+    read_until(&mut lines, "ready", 1);
+
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    let output = finish(child);
+
+    assert_eq!(output.code(), Some(130));
+    assert!(output.elapsed < Duration::from_secs(30), "the leftover waited for the grace period: {:?}", output.elapsed);
+    assert_eq!(survivors_after(&marker, Duration::from_secs(5)), Vec::<u32>::new());
+}

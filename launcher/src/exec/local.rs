@@ -235,6 +235,8 @@ struct GroupState {
     reaped: AtomicBool,
     /// Set once the supervisor sent the group any signal.
     signalled: AtomicBool,
+    /// Set once the supervisor sent the group SIGTERM or SIGKILL.
+    terminated: AtomicBool,
 }
 
 /// Signals a local rank's process group.
@@ -266,6 +268,9 @@ impl Drop for LocalControl {
 impl RankControl for LocalControl {
     fn signal(&self, signal: RankSignal) -> BoxFuture<'_, io::Result<()>> {
         self.state.signalled.store(true, Ordering::Release);
+        if signal != RankSignal::Interrupt {
+            self.state.terminated.store(true, Ordering::Release);
+        }
         // The group id cannot be reused while any member of the group lives,
         // so signalling it after the leader was reaped reaches only leftovers.
         // An empty group gives ESRCH.
@@ -283,15 +288,19 @@ impl RankControl for LocalControl {
             if !group_alive(self.group) {
                 return;
             }
-            // Leftovers that already got the supervisor's signal keep the
+            // Leftovers that already got the supervisor's SIGTERM keep the
             // grace period it gave them; a second SIGTERM could interrupt
-            // their shutdown.
+            // their shutdown. After a SIGINT they get SIGTERM: shells start
+            // background jobs with SIGINT ignored.
             if !self.state.signalled.load(Ordering::Acquire) {
                 tracing::warn!(
                     rank = self.rank,
                     group = %self.group,
                     "the rank ended but left processes in its process group; sending them SIGTERM (a job ends with its ranks)"
                 );
+                let _ = killpg(self.group, Signal::SIGTERM);
+            } else if !self.state.terminated.load(Ordering::Acquire) {
+                tracing::debug!(rank = self.rank, group = %self.group, "leftovers after SIGINT; sending them SIGTERM");
                 let _ = killpg(self.group, Signal::SIGTERM);
             }
             let deadline = Instant::now() + self.grace;
