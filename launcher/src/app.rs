@@ -385,14 +385,16 @@ struct HostSpawner {
 
 impl HostSpawner {
     /// Builds the spawner for `hosts`, with an ssh transport only if one of them is remote.
-    fn for_hosts<'a>(mut hosts: impl Iterator<Item = &'a str>, options: SshOptions) -> std::io::Result<HostSpawner> {
-        let remote = match hosts.any(|host| !is_local_name(host)) {
-            true => Some(SshSpawner::new(options.clone())?),
-            false => None,
-        };
+    fn for_hosts<'a>(mut hosts: impl Iterator<Item = &'a str>, mut options: SshOptions) -> std::io::Result<HostSpawner> {
         let local = match guard_program() {
             Some(program) => LocalSpawner::with_guard(options.grace, program),
             None => LocalSpawner::new(options.grace),
+        };
+        // Local and remote ranks of one job carry the same job id.
+        options.job_id = Some(local.job_id().to_string());
+        let remote = match hosts.any(|host| !is_local_name(host)) {
+            true => Some(SshSpawner::new(options)?),
+            false => None,
         };
         Ok(HostSpawner { local, remote })
     }

@@ -264,3 +264,25 @@ fn relative_cwd_is_resolved_where_the_launcher_runs() {
     let expected = dir.path().canonicalize().unwrap().join("work");
     assert_eq!(output.stdout_text().trim(), expected.to_str().unwrap());
 }
+
+/// A process that left a remote rank's process group keeps the ssh
+/// session's output open; once the rank ends it must be stopped, or the
+/// launcher waits for it.
+#[test]
+fn detached_remote_process_is_stopped_with_its_rank() {
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = unique_marker("ssh-detached");
+    let env = format!("TEST_MARKER={marker}");
+    let dir_env = format!("DIR={}", dir.path().display());
+    let script = r#"setsid sh -c 'echo $$ > "$DIR/escaped"; exec sleep 100' &
+while [ ! -s "$DIR/escaped" ]; do sleep 0.01; done
+echo rank done"#;
+    let mut command = remote_job(&sshd, &HOST_ALIASES[..1], &["--stdin", "none", "--env", &env, "--env", &dir_env], script);
+    let output = run(&mut command, b"");
+
+    assert_eq!(output.code(), Some(0), "{}", output.stderr_text());
+    assert_eq!(output.stdout_text(), "rank done\n");
+    assert!(output.elapsed < Duration::from_secs(30), "the launcher waited for the detached process: {:?}", output.elapsed);
+    assert_eq!(survivors_after(&marker, TEARDOWN_BOUND), Vec::<u32>::new());
+}

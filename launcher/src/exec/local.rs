@@ -63,6 +63,11 @@ impl LocalSpawner {
         }
     }
 
+    /// Returns the value of [`JOB_ID_VAR`] the spawner gives its ranks.
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+
     fn guard(&self) -> Option<Arc<Guard>> {
         let program = self.guard_program.as_deref()?;
         let guard = self.guard.get_or_init(|| match Guard::start(program, self.grace, Some(&self.job_id)) {

@@ -105,6 +105,12 @@ pub struct SshOptions {
     /// Maximum rank sessions sharing one connection. sshd's `MaxSessions`
     /// defaults to 10, and the agent takes one. Default: 8.
     pub max_sessions_per_connection: usize,
+    /// The job's `RINGLEADER_JOB_ID`. When set, every rank gets it, and once
+    /// a rank has ended, the processes on its host that still carry it and
+    /// the rank's `MLX_RANK` (they left the rank's process group) are
+    /// stopped; Linux hosts only, since they are found in /proc. Default:
+    /// none.
+    pub job_id: Option<String>,
 }
 
 impl Default for SshOptions {
@@ -122,6 +128,7 @@ impl Default for SshOptions {
             multiplex: true,
             max_startups_per_host: 4,
             max_sessions_per_connection: 8,
+            job_id: None,
         }
     }
 }

@@ -27,6 +27,7 @@
 //! When the leader exits, the script stops whatever the rank left behind in
 //! its group and removes the rank's files.
 
+use crate::exec::job_marker::JOB_ID_VAR;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -102,6 +103,39 @@ rl_stop() {{
   rl_t=0
   while [ "$rl_t" -lt 20 ] && rl_any_alive "$@"; do rl_nap; rl_t=$((rl_t + 1)); done
   ! rl_any_alive "$@"
+}}
+"#
+    )
+}
+
+/// Defines `rl_stop_escaped JOB_ENTRY RANK_ENTRY`: stops the live processes
+/// whose initial environment has both entries (`NAME=value`), as SIGTERM,
+/// then SIGKILL after the grace period. They left the rank's process group,
+/// and may hold the session's output open. /proc and `grep -z` (GNU or
+/// BusyBox) find them; without either, nothing is stopped.
+fn stop_escaped_function(grace: Duration) -> String {
+    let grace_tenths = grace.as_millis().div_ceil(100);
+    format!(
+        r#"rl_escaped() {{
+  [ -r /proc/self/environ ] || return 0
+  grep -l -z -x -F -e "$1" /proc/[0-9]*/environ 2>/dev/null | while read -r rl_file; do
+    grep -q -z -x -F -e "$2" "$rl_file" 2>/dev/null || continue
+    rl_pid=${{rl_file#/proc/}}
+    rl_pid=${{rl_pid%/environ}}
+    case $(cat "/proc/$rl_pid/stat" 2>/dev/null) in *") Z "*|"") continue ;; esac
+    printf '%s
+' "$rl_pid"
+  done
+}}
+rl_stop_escaped() {{
+  rl_pids=$(rl_escaped "$1" "$2")
+  [ -n "$rl_pids" ] || return 0
+  kill -s TERM $rl_pids 2>/dev/null
+  rl_t=0
+  while [ "$rl_t" -lt {grace_tenths} ] && [ -n "$(rl_escaped "$1" "$2")" ]; do rl_nap; rl_t=$((rl_t + 1)); done
+  rl_pids=$(rl_escaped "$1" "$2")
+  [ -z "$rl_pids" ] || kill -s KILL $rl_pids 2>/dev/null
+  return 0
 }}
 "#
     )
@@ -210,6 +244,8 @@ pub(super) struct RankParams<'a> {
     /// The agent's registration directory on the remote host.
     pub agent_dir: &'a str,
     pub grace: Duration,
+    /// See [`super::SshOptions::job_id`].
+    pub job_id: Option<&'a str>,
 }
 
 /// Builds the rank script, or returns which value of `spec` cannot be sent.
@@ -217,6 +253,9 @@ pub(super) fn rank_script(spec: &RankSpec, params: &RankParams<'_>) -> Result<St
     check_values(spec)?;
 
     let mut script = stop_functions(params.grace);
+    if params.job_id.is_some() {
+        script.push_str(&stop_escaped_function(params.grace));
+    }
     let file_count = spec.files.len();
 
     script.push_str("rl_cleanup() {\n  :\n");
@@ -300,6 +339,21 @@ pub(super) fn rank_script(spec: &RankSpec, params: &RankParams<'_>) -> Result<St
          exec \"$@\""
     ));
     let stdin = if spec.stdin { "" } else { " </dev/null" };
+    // The job id reaches only the rank: this script's own commands (such as
+    // the grep below) must not carry it, or they would find themselves.
+    let rank_value = spec.env.iter().rev().find(|(name, _)| name == "MLX_RANK").map(|(_, value)| value.as_str());
+    let (mark, stop_escaped) = match (params.job_id, rank_value) {
+        (Some(job_id), Some(rank)) => {
+            check_shell_value("the job id", job_id)?;
+            let job_entry = sh_quote(&format!("{JOB_ID_VAR}={job_id}"));
+            let rank_entry = sh_quote(&format!("MLX_RANK={rank}"));
+            (
+                format!(" export {JOB_ID_VAR}={};", sh_quote(job_id)),
+                format!("  rl_stop_escaped {job_entry} {rank_entry}\n"),
+            )
+        }
+        _ => (String::new(), String::new()),
+    };
     let no_group =
         sh_quote("cannot start a process group: neither setsid nor perl is installed on this host");
     let _ = writeln!(
@@ -319,9 +373,9 @@ pub(super) fn rank_script(spec: &RankSpec, params: &RankParams<'_>) -> Result<St
   # gives the rank the session's stderr (kept as fd 4) before it execs.
   exec 4>&2 2>/dev/null
   if [ "$rl_group_tool" = setsid ]; then
-    ( exec 2>&4 4>&-{stdin}; exec setsid /bin/sh -c "$rl_leader" "$rl_reg" "$@" )
+    ( exec 2>&4 4>&-{stdin};{mark} exec setsid /bin/sh -c "$rl_leader" "$rl_reg" "$@" )
   else
-    ( exec 2>&4 4>&-{stdin}; exec perl -e 'setpgrp(0, 0) or die "setpgrp: $!\n"; exec {{ $ARGV[0] }} @ARGV or die "exec: $!\n"' /bin/sh -c "$rl_leader" "$rl_reg" "$@" )
+    ( exec 2>&4 4>&-{stdin};{mark} exec perl -e 'setpgrp(0, 0) or die "setpgrp: $!\n"; exec {{ $ARGV[0] }} @ARGV or die "exec: $!\n"' /bin/sh -c "$rl_leader" "$rl_reg" "$@" )
   fi
   rl_status=$?
   exec 4>&-
@@ -329,7 +383,7 @@ pub(super) fn rank_script(spec: &RankSpec, params: &RankParams<'_>) -> Result<St
     rl_alive "$rl_group" && rl_stop "$rl_group"
     rm -f -- "$rl_reg"
   fi
-  rl_cleanup
+{stop_escaped}  rl_cleanup
   exit "$rl_status"
 }}
 rl_rank"#
@@ -433,6 +487,7 @@ mod tests {
                 token: "rlTEST",
                 agent_dir: "/tmp/x",
                 grace: Duration::from_secs(1),
+                job_id: Some("42-abc-0"),
             },
         )
         .unwrap();
@@ -466,6 +521,7 @@ mod tests {
                 token: "rlTEST",
                 agent_dir: agent_dir.path().to_str().unwrap(),
                 grace: Duration::from_secs(1),
+                job_id: None,
             },
         )
         .unwrap();

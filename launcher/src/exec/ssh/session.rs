@@ -45,6 +45,7 @@ pub(super) async fn start(pool: Arc<Pool>, spec: &RankSpec) -> Result<Spawned, S
             token: &pool.token,
             agent_dir: &session.agent.dir,
             grace: pool.options.grace,
+            job_id: pool.options.job_id.as_deref(),
         },
     )
     .map_err(invalid)?;
@@ -140,6 +141,7 @@ fn placeholder_params(pool: &Pool) -> RankParams<'_> {
         token: &pool.token,
         agent_dir: "/tmp",
         grace: pool.options.grace,
+        job_id: pool.options.job_id.as_deref(),
     }
 }
 
