@@ -177,18 +177,23 @@ impl Cli {
         if start > 0 && args[start - 1] == "--" {
             return cli;
         }
-        // Parsing again without hyphen values gives clap's own message,
-        // with its suggestion of a similar option.
+        // Parsing again without hyphen values reads attached values such
+        // as `-n2` (taken for the command above), and otherwise gives
+        // clap's own message, with its suggestion of a similar option.
         let strict = Cli::command().mut_arg("command", |arg| arg.allow_hyphen_values(false));
-        if let Err(error) = strict.try_get_matches_from(args) {
-            error.exit();
+        let parsed = strict
+            .try_get_matches_from(args)
+            .and_then(|matches| <Cli as clap::FromArgMatches>::from_arg_matches(&matches));
+        match parsed {
+            Ok(cli) if cli.command.first().is_none_or(|word| !word.starts_with('-')) => cli,
+            Ok(_) => Cli::command()
+                .error(
+                    clap::error::ErrorKind::UnknownArgument,
+                    format!("unknown option '{first}'; put -- before a command that starts with '-'"),
+                )
+                .exit(),
+            Err(error) => error.exit(),
         }
-        Cli::command()
-            .error(
-                clap::error::ErrorKind::UnknownArgument,
-                format!("unknown option '{first}'; put -- before a command that starts with '-'"),
-            )
-            .exit()
     }
 }
 
@@ -390,6 +395,18 @@ fn parse_positive_seconds(text: &str) -> Result<f64, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn attached_short_values_are_options_not_the_command() {
+        for args in [&["-n2", "echo", "hi"][..], &["-n=2", "echo", "hi"], &["-n2", "--", "echo", "hi"]] {
+            let argv: Vec<std::ffi::OsString> = std::iter::once("ringleader").chain(args.iter().copied()).map(Into::into).collect();
+            let cli = Cli::parse_checked(&argv);
+            assert_eq!(cli.repeat_hosts, 2, "{args:?}");
+            assert_eq!(cli.command, ["echo", "hi"], "{args:?}");
+        }
+        let argv: Vec<std::ffi::OsString> = ["ringleader", "-p40000", "true"].into_iter().map(Into::into).collect();
+        assert_eq!(Cli::parse_checked(&argv).starting_port, 40000);
+    }
+
     #[test]
     fn durations_take_timeouts_unit_suffixes() {
         for (text, seconds) in [("30", 30.0), ("2.5", 2.5), ("45s", 45.0), ("10m", 600.0), ("1.5h", 5400.0), ("1d", 86400.0)] {
