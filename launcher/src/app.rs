@@ -313,9 +313,16 @@ fn prepare_mpi(cli: &Cli, hostfile: &Hostfile) -> Result<MpiCommand, LaunchError
     Ok(command)
 }
 
-/// Returns the launcher's ssh settings as arguments for mpirun's own ssh.
+/// Returns the launcher's ssh settings as arguments for mpirun's own ssh:
+/// never a hidden password prompt, and --connect-timeout, as for ranks the
+/// launcher starts itself.
 fn mpi_ssh_args(cli: &Cli) -> Vec<String> {
-    let mut args = Vec::new();
+    let mut args = vec![
+        "-o".to_string(),
+        "BatchMode=yes".to_string(),
+        "-o".to_string(),
+        format!("ConnectTimeout={}", cli.connect_timeout.ceil().max(1.0) as u64),
+    ];
     if let Some(config) = &cli.ssh_config {
         args.push("-F".to_string());
         args.push(config.display().to_string());

@@ -347,6 +347,7 @@ pub async fn run(
                     // A second signal kills at once, as for the other backends.
                     let _ = killpg(pid, Signal::SIGKILL);
                 } else {
+                    eprintln!("ringleader: received {}; forwarding it to mpirun", signal.name());
                     interrupted = Some(signal);
                     let _ = kill(pid, nix_signal(signal));
                     kill_at = Some(tokio::time::Instant::now() + options.grace);

@@ -81,6 +81,7 @@ fn sigterm_stops_mpirun_and_every_rank() {
     let output = finish(child);
 
     assert_eq!(output.code(), Some(143));
+    assert!(output.stderr_text().contains("received SIGTERM; forwarding it to mpirun"), "{}", output.stderr_text());
     assert!(output.elapsed < Duration::from_secs(30), "took {:?}", output.elapsed);
     assert_eq!(survivors_after(&marker, Duration::from_secs(10)), Vec::<u32>::new());
 }
@@ -161,6 +162,8 @@ fn dry_run_shows_the_mpirun_command_and_hostfile() {
     assert!(argv.windows(2).any(|pair| pair == ["--wdir", "/srv"]), "{argv:?}");
     let hostfile_at = argv.iter().position(|a| *a == "--hostfile").expect("--hostfile is passed");
     assert_eq!(argv[hostfile_at + 1], "HOSTFILE");
+    let ssh_args = ["--mca", "plm_rsh_args", "-o BatchMode=yes -o ConnectTimeout=10"];
+    assert!(argv.windows(3).any(|triple| triple == ssh_args), "{argv:?}");
 }
 
 #[test]
