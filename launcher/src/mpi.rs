@@ -333,6 +333,7 @@ pub async fn run(
     });
     if let Some(guard) = &guard {
         guard.watch(pid.as_raw());
+        guard.remove_on_failure(hostfile.path());
     }
 
     let mut interrupted: Option<LauncherSignal> = None;
@@ -368,10 +369,11 @@ pub async fn run(
     };
     // Whatever mpirun left in its process group would outlive the job.
     let _ = killpg(pid, Signal::SIGKILL);
+    drop(hostfile);
     if let Some(guard) = &guard {
         guard.release(pid.as_raw());
+        guard.done();
     }
-    drop(hostfile);
 
     if let Some(signal) = interrupted {
         return signal.exit_code();

@@ -227,15 +227,20 @@ fn killed_launcher_leaves_no_local_rank() {
     let env = format!("TEST_MARKER={marker}");
     let mut command = ringleader(["-n", "3", "--grace", "1", "--stdin", "none", "--env", &env, "--"]);
     // Rank 2 and its child ignore SIGTERM, so only SIGKILL stops them.
-    command.args(sh(r#"if [ "$MLX_RANK" = 2 ]; then trap '' TERM; fi; sleep 300 & echo ready; wait"#));
+    command.args(sh(r#"if [ "$MLX_RANK" = 2 ]; then trap '' TERM; fi; sleep 300 & echo "$MLX_HOSTFILE"; echo ready; wait"#));
     let mut child = start(&mut command);
     let mut lines = lines_of(child.stdout.take().unwrap());
-    read_until(&mut lines, "ready", 3);
+    let printed = read_until(&mut lines, "ready", 3);
+    let ring_tables: Vec<&String> = printed.iter().filter(|line| line.starts_with('/')).collect();
+    assert_eq!(ring_tables.len(), 3, "{printed:?}");
 
     kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
     let output = finish(child);
     assert_eq!(output.code(), None, "the launcher was killed");
     assert_eq!(survivors_after(&marker, Duration::from_secs(10)), Vec::<u32>::new());
+    for path in ring_tables {
+        assert!(!std::path::Path::new(path).exists(), "{path} outlived its rank");
+    }
     let stderr = output.stderr_text();
     assert!(stderr.contains("ended without stopping its ranks; sent SIGTERM to 3"), "{stderr}");
     assert!(stderr.contains("1 rank process group(s) outlived the grace period"), "{stderr}");

@@ -17,7 +17,7 @@
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::io::{self, BufRead, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -79,9 +79,20 @@ impl Guard {
         self.send(&format!("-{group}\n"));
     }
 
-    /// Tells the guard that the launcher stopped every process of the job.
+    /// Tells the guard that the launcher stopped every process of the job
+    /// and removed its temporary files.
     pub fn done(&self) {
         self.send("done\n");
+    }
+
+    /// Asks the guard to remove the temporary file at `path` if the launcher
+    /// dies before [`Guard::done`]. Paths with a newline cannot be sent and
+    /// are skipped.
+    pub fn remove_on_failure(&self, path: &Path) {
+        match path.to_str() {
+            Some(text) if !text.contains('\n') => self.send(&format!("file {text}\n")),
+            _ => tracing::debug!(path = %path.display(), "the guard cannot take this path"),
+        }
     }
 
     fn send(&self, line: &str) {
@@ -131,6 +142,12 @@ pub fn run(args: &[OsString]) -> i32 {
 
     let messages = read_messages(io::stdin().lock());
     stop_orphaned_groups(launcher, &messages.groups, grace);
+    if !messages.done {
+        // Files of ranks that ended normally are gone already.
+        for file in &messages.files {
+            let _ = std::fs::remove_file(file);
+        }
+    }
     if let (Some(job_id), false) = (job_id, messages.done) {
         let escaped = job_marker::stop_job_processes_blocking(&job_marker::Selector::job(job_id), grace);
         if !escaped.is_empty() {
@@ -150,10 +167,12 @@ struct Messages {
     groups: BTreeSet<i32>,
     /// Whether the launcher said it stopped every process of the job.
     done: bool,
+    /// Temporary files of the job, removed unless `done` came.
+    files: Vec<PathBuf>,
 }
 
-/// Reads `+PGID`, `-PGID` and `done` lines until end-of-file. Malformed
-/// lines are skipped.
+/// Reads `+PGID`, `-PGID`, `file PATH` and `done` lines until end-of-file.
+/// Malformed lines are skipped.
 fn read_messages(input: impl BufRead) -> Messages {
     let mut messages = Messages::default();
     let groups = &mut messages.groups;
@@ -161,6 +180,10 @@ fn read_messages(input: impl BufRead) -> Messages {
         let Ok(line) = line else { break };
         if line == "done" {
             messages.done = true;
+            continue;
+        }
+        if let Some(path) = line.strip_prefix("file ").filter(|path| Path::new(path).is_absolute()) {
+            messages.files.push(PathBuf::from(path));
             continue;
         }
         let (sign, number) = line.split_at(line.len().min(1));
@@ -252,7 +275,13 @@ mod tests {
     #[test]
     fn done_is_recorded() {
         let messages = read_messages("+5\n-5\ndone\n".as_bytes());
-        assert_eq!(messages, Messages { groups: BTreeSet::new(), done: true });
+        assert_eq!(messages, Messages { groups: BTreeSet::new(), done: true, files: Vec::new() });
+    }
+
+    #[test]
+    fn only_absolute_file_paths_are_kept() {
+        let messages = read_messages("file /tmp/ringleader-a\nfile relative\nfile \n".as_bytes());
+        assert_eq!(messages.files, [PathBuf::from("/tmp/ringleader-a")]);
     }
 
     #[test]

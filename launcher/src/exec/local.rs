@@ -180,6 +180,9 @@ fn spawn_local(
         temp.write_all(file.contents.as_bytes()).map_err(io_error)?;
         temp.flush().map_err(io_error)?;
         command.env(&file.env_var, temp.path());
+        if let Some(guard) = &guard {
+            guard.remove_on_failure(temp.path());
+        }
         files.push(temp);
     }
 
