@@ -100,6 +100,7 @@ pub struct TimedFault {
 
 /// Everything needed to replay a run: scenario, seed and faults.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Schedule {
     pub scenario: String,
     pub seed: u64,
@@ -148,6 +149,9 @@ fn check_fault(fault: &Fault, hosts: usize) -> Result<(), String> {
             "rank {rank} does not exist; the scenario has ranks 0 to {}",
             hosts - 1
         )),
+        Fault::ExitRank { code, .. } if !(0..=255).contains(code) => {
+            Err(format!("exit code {code} is not one a process can have; use 0 to 255"))
+        }
         _ => Ok(()),
     }
 }
@@ -352,6 +356,8 @@ mod tests {
             (Fault::ExitRank { rank: 8, code: 1 }, "rank 8 does not exist"),
             (Fault::Hold { a: Node::Launcher, b: Node::Host(9) }, "host 9 does not exist"),
             (Fault::Partition { a: Node::Launcher, b: Node::Launcher }, "two different nodes"),
+            (Fault::ExitRank { rank: 1, code: 256 }, "exit code 256 is not one a process can have"),
+            (Fault::ExitRank { rank: 1, code: -1 }, "exit code -1 is not one a process can have"),
         ];
         for (fault, expected) in cases {
             let mut schedule = schedule(vec![TimedFault { at_ms: 0, fault: fault.clone() }]);

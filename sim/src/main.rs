@@ -67,7 +67,7 @@ enum Command {
         #[arg(long, value_name = "NAME")]
         scenario: String,
         /// Number of seeds to run.
-        #[arg(long, value_name = "N", default_value_t = 100)]
+        #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
         seeds: u64,
         /// First seed; the sweep runs FIRST, FIRST+1, ...
         #[arg(long, value_name = "FIRST", env = SEED_VAR, default_value_t = 1)]
@@ -98,8 +98,9 @@ enum Command {
     /// "kind": "crash_host", "host": 2}, ...]}. Fault kinds: crash_host,
     /// bounce_host, partition, repair, hold, release (with "a" and "b" each
     /// "launcher" or {"host": N}), latency (plus "ms"), kill_rank, exit_rank
-    /// (plus "code"), interrupt_launcher, terminate_launcher. Faults happen
-    /// in the order of their times, whatever order the file lists them in.
+    /// (plus "code", 0 to 255), interrupt_launcher, terminate_launcher. Faults
+    /// happen in the order of their times, whatever order the file lists them
+    /// in; faults at the same time happen in file order.
     Replay {
         /// The schedule file.
         file: PathBuf,
@@ -327,7 +328,7 @@ fn run_sweep(
     planted_bug: bool,
 ) -> Result<bool, String> {
     let scenario = find_scenario(name)?;
-    let end_seed = first_seed.checked_add(seeds).ok_or_else(|| {
+    let last_seed = first_seed.checked_add(seeds - 1).ok_or_else(|| {
         format!(
             "--first-seed {first_seed} plus --seeds {seeds} goes past the largest seed, {}",
             u64::MAX
@@ -336,7 +337,7 @@ fn run_sweep(
     // A typo in --out must not cost the whole sweep: check it can be written now.
     check_writable(out)?;
     warn_if_not_deterministic();
-    eprintln!("ringleader-sim: sweeping scenario {name}, seeds {first_seed}..{end_seed}, {jobs} jobs");
+    eprintln!("ringleader-sim: sweeping scenario {name}, seeds {first_seed} to {last_seed}, {jobs} jobs");
     let bar = if quiet {
         ProgressBar::hidden()
     } else {
