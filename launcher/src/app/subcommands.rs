@@ -236,10 +236,16 @@ pub fn run_config(cli: ConfigCli) -> i32 {
     };
     let mut envs = hostfile.envs.clone();
     envs.extend(cli.env.iter().cloned());
-    if matches!(backend, Backend::Jaccl | Backend::JacclRing) && configured.iter().any(|(host, _)| host.rdma.is_empty()) {
+    let without_devices: Vec<&str> = configured
+        .iter()
+        .filter(|(host, _)| host.rdma.is_empty())
+        .map(|(host, _)| host.ssh.as_str())
+        .collect();
+    if matches!(backend, Backend::Jaccl | Backend::JacclRing) && !without_devices.is_empty() {
         eprintln!(
-            "ringleader config: warning: the {} backend needs each host's \"rdma\" device list, which config cannot discover (Thunderbolt discovery needs macOS); fill them in before launching",
-            backend.name()
+            "ringleader config: warning: the {} backend needs each host's \"rdma\" device list, which config cannot discover (Thunderbolt discovery needs macOS); fill them in before launching for {}",
+            backend.name(),
+            without_devices.join(", ")
         );
     }
     let value = distconfig::hostfile_json(&configured, backend, &envs);
@@ -250,7 +256,9 @@ pub fn run_config(cli: ConfigCli) -> i32 {
                 eprintln!("ringleader config: error: cannot write {}: {error}", path.display());
                 return exit::FAILURE;
             }
-            eprintln!("ringleader config: wrote {} with {} hosts", path.display(), configured.len());
+            let count = configured.len();
+            let noun = if count == 1 { "host" } else { "hosts" };
+            eprintln!("ringleader config: wrote {} with {count} {noun}", path.display());
         }
         None => {
             use std::io::Write as _;
