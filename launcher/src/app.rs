@@ -7,10 +7,11 @@ use std::time::Duration;
 use crate::cli::{Backend, Cli};
 use crate::exec::local::LocalSpawner;
 use crate::exec::ssh::{SshOptions, SshSpawner};
-use crate::exec::{BoxFuture, RankSpec, SpawnError, Spawned, Spawner};
+use crate::exec::{BoxFuture, ByteWriter, RankSpec, SpawnError, Spawned, Spawner};
 use crate::exit;
 use crate::hostfile::{is_local_name, Hostfile, HostfileError};
 use crate::mpi::{self, MpiCommand, MpiError};
+use crate::output;
 use crate::plan::{self, LaunchPlan, PlanError, PlanOptions};
 use crate::preflight::{self, PreflightError};
 use crate::slurm::{self, SlurmError};
@@ -132,10 +133,12 @@ async fn launch(cli: &Cli, plan: &LaunchPlan) -> i32 {
         }
         false => Some(Box::new(tokio::io::stdin())),
     };
+    let (stdout, stderr, buffered_streams) = launcher_streams();
     let io = LauncherIo {
         merge_streams: same_file(libc::STDOUT_FILENO, libc::STDERR_FILENO),
-        stdout: Box::new(tokio::io::stdout()),
-        stderr: Box::new(tokio::io::stderr()),
+        stdout,
+        stderr,
+        buffered_streams,
         stdin,
         signals,
     };
@@ -423,6 +426,16 @@ impl Spawner for HostSpawner {
             Some(remote) if !is_local_name(&spec.host) => remote.spawn(spec),
             _ => self.local.spawn(spec),
         }
+    }
+}
+
+/// The launcher's stdout and stderr for rank output, and whether they collect
+/// writes themselves. A descriptor that cannot be duplicated (closed, say)
+/// falls back to tokio's writers, which report the error on first use.
+fn launcher_streams() -> (ByteWriter, ByteWriter, bool) {
+    match (output::BlockingSink::stdout(), output::BlockingSink::stderr()) {
+        (Ok(stdout), Ok(stderr)) => (Box::new(stdout), Box::new(stderr), true),
+        _ => (Box::new(tokio::io::stdout()), Box::new(tokio::io::stderr()), false),
     }
 }
 

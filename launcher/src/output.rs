@@ -32,8 +32,13 @@ use tokio::time::Instant;
 
 use crate::exec::{ByteReader, ByteWriter};
 
-/// Bytes the writer collects before it writes to the launcher's stream.
-const SINK_BUFFER: usize = 256 * 1024;
+mod blocking_sink;
+
+pub use blocking_sink::BlockingSink;
+
+/// Bytes the writer collects before it writes to a sink that does not
+/// collect writes itself (see [`start_writer`]).
+pub const SINK_BUFFER: usize = 256 * 1024;
 
 /// Largest chunk a pump reads at once.
 pub const CHUNK_SIZE: usize = 64 * 1024;
@@ -91,18 +96,22 @@ pub struct StreamWriter {
     broken: Arc<AtomicBool>,
 }
 
-/// Starts the writer task of one sink for `sources` sources. Labels, if
-/// given, prefix every line of source `i` with `labels[i]`. The task returns the sink once
-/// every [`StreamWriter`] is dropped and all messages are written.
+/// Starts the writer task of one sink for `sources` sources. The writer
+/// collects up to `buffer` bytes before it writes to the sink: [`SINK_BUFFER`],
+/// or 0 for a sink that collects writes itself, such as a [`BlockingSink`].
+/// Labels, if given, prefix every line of source `i` with `labels[i]`. The
+/// task returns the sink once every [`StreamWriter`] is dropped and all
+/// messages are written.
 pub fn start_writer(
     sink: ByteWriter,
+    buffer: usize,
     sources: usize,
     labels: Option<Vec<String>>,
 ) -> (StreamWriter, tokio::task::JoinHandle<WriterEnd>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let broken = Arc::new(AtomicBool::new(false));
     let writer = Writer {
-        sink: BufWriter::with_capacity(SINK_BUFFER, sink),
+        sink: BufWriter::with_capacity(buffer, sink),
         labels,
         line_position: vec![LinePosition::Start; sources],
         dangling: None,
@@ -129,15 +138,18 @@ impl StreamWriter {
     /// a line written in several pieces is sent whole.
     pub async fn pump(&self, source: usize, mut reader: ByteReader, mut copy: Option<ByteWriter>) {
         let credits = Arc::new(Semaphore::new(QUEUED_BYTES_PER_STREAM));
-        let mut buffer = vec![0u8; CHUNK_SIZE];
-        // Bytes read but not yet sent: the start of a line.
+        // Bytes read but not yet sent: the start of a line, then what the
+        // next read appends, so reads land where they are sent from.
         let mut pending: Vec<u8> = Vec::new();
         loop {
-            let read = if pending.is_empty() {
-                Some(reader.read(&mut buffer).await)
+            let start = pending.len();
+            pending.reserve(CHUNK_SIZE);
+            let mut chunk = (&mut reader).take(CHUNK_SIZE as u64);
+            let read = if start == 0 {
+                Some(chunk.read_buf(&mut pending).await)
             } else {
-                // `read` is cancel-safe, so timing it out loses nothing.
-                tokio::time::timeout(PARTIAL_LINE_DELAY, reader.read(&mut buffer)).await.ok()
+                // `read_buf` is cancel-safe, so timing it out loses nothing.
+                tokio::time::timeout(PARTIAL_LINE_DELAY, chunk.read_buf(&mut pending)).await.ok()
             };
             let n = match read {
                 None => {
@@ -155,13 +167,12 @@ impl StreamWriter {
                 }
             };
             if let Some(file) = copy.as_mut() {
-                if let Err(error) = file.write_all(&buffer[..n]).await {
+                if let Err(error) = file.write_all(&pending[start..start + n]).await {
                     let (rank, stream) = (source / 2, if source % 2 == 0 { "stdout" } else { "stderr" });
                     tracing::warn!(rank, stream, %error, "writing the rank's output file failed; the file is incomplete");
                     copy = None;
                 }
             }
-            pending.extend_from_slice(&buffer[..n]);
             match pending.iter().rposition(|&b| b == b'\n') {
                 Some(last) => {
                     let tail = pending.split_off(last + 1);

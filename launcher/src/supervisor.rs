@@ -59,6 +59,9 @@ pub struct LauncherIo {
     /// Whether stdout and stderr are the same file (a terminal, or `2>&1`):
     /// then one writer takes both, so lines stay whole across the two.
     pub merge_streams: bool,
+    /// Whether stdout and stderr collect small writes themselves, as an
+    /// [`output::BlockingSink`] does, so the writers add no buffer of their own.
+    pub buffered_streams: bool,
 }
 
 /// Messages from rank tasks to the loop.
@@ -130,16 +133,17 @@ pub async fn supervise_with_hooks(
     hooks: SimulatorHooks,
 ) -> Report {
     let SimulatorHooks { forget_rank, mut summary_fallback } = hooks;
-    let LauncherIo { stdout, stderr, stdin, mut signals, merge_streams } = io;
+    let LauncherIo { stdout, stderr, stdin, mut signals, merge_streams, buffered_streams } = io;
     // Source 2r is rank r's stdout and 2r + 1 its stderr, in either writer.
     let sources = 2 * ranks.len();
     let labels = options.tag_output.then(|| tag_labels(ranks));
-    let (stdout_writer, stdout_done) = output::start_writer(stdout, sources, labels.clone());
+    let buffer = if buffered_streams { 0 } else { output::SINK_BUFFER };
+    let (stdout_writer, stdout_done) = output::start_writer(stdout, buffer, sources, labels.clone());
     // Two writers on one file would interleave their buffers mid-line.
     let (stderr_writer, stderr_done, mut stderr) = if merge_streams {
         (stdout_writer.clone(), None, Some(stderr))
     } else {
-        let (writer, done) = output::start_writer(stderr, sources, labels);
+        let (writer, done) = output::start_writer(stderr, buffer, sources, labels);
         (writer, Some(done), None)
     };
 

@@ -272,6 +272,7 @@ fn start_launcher(
             stdin,
             signals,
             merge_streams: false,
+            buffered_streams: false,
         };
         // The summary of a job with ranks not confirmed dead goes to the
         // process's stderr, which is the launcher's stderr here too.

@@ -13,7 +13,7 @@ impl Harness {
     fn new(labels: Option<Vec<String>>) -> Harness {
         let (sink, sink_reader) = duplex(16 * 1024 * 1024);
         let sources = labels.as_ref().map_or(2, Vec::len);
-        let (writer, handle) = start_writer(Box::new(sink), sources, labels);
+        let (writer, handle) = start_writer(Box::new(sink), SINK_BUFFER, sources, labels);
         Harness { writer: Some(writer), handle, sink_reader }
     }
 
