@@ -60,6 +60,16 @@ iperf() {
 }
 iperf single
 iperf bidir --bidir
+# The ceiling a ring of N ranks meets: N streams at once, each between its
+# own client and server process, as each rank sends to one neighbour while
+# it receives from the other.
+for n in $ranks_list; do
+    for k in $(seq "$n"); do
+        iperf "ring$n-$k" &
+        port=$((port + 1))
+    done
+    wait
+done
 "$python" - "$out" <<'EOF' | tee "$out/iperf3.txt"
 import json, sys
 out = sys.argv[1]
@@ -69,6 +79,14 @@ each = min(bidir["sum_received"]["bits_per_second"], bidir["sum_received_bidir_r
 print(f"iperf3 127.0.0.1 one stream one way: {single:.3f} GB/s")
 print(f"iperf3 127.0.0.1 one stream each way at once (--bidir), slower direction: {each:.3f} GB/s")
 EOF
+for n in $ranks_list; do
+    "$python" - "$out" "$n" <<'EOF' | tee -a "$out/iperf3.txt"
+import json, sys
+out, n = sys.argv[1], int(sys.argv[2])
+rates = [json.load(open(f"{out}/iperf3-ring{n}-{k}.json"))["end"]["sum_received"]["bits_per_second"] / 8e9 for k in range(1, n + 1)]
+print(f"iperf3 127.0.0.1 {n} streams at once, a process pair each, slowest stream: {min(rates):.3f} GB/s")
+EOF
+done
 
 echo "impl,ranks,connections,dtype,op,size_bytes,count,time_us,algbw_GBps,busbw_GBps,check" >"$out/results.csv"
 for n in $ranks_list; do

@@ -6,7 +6,9 @@ Reads OUT_DIR/results.csv, OUT_DIR/iperf3-*.json and OUT_DIR/machine.txt. Prints
 one table per rank count and connection count, with ringleader's and MLX's
 all_sum side by side. Then lists the targets that were missed (bus bandwidth
 below 1.25x MLX's from 1 MiB up, latency above MLX's at 4 KiB) and the
-largest buffer's bus bandwidth against the loopback ceiling.
+largest buffer's bus bandwidth against the loopback ceilings: one stream one
+way, one stream each way in one iperf3 process, and N streams at once in N
+process pairs (what a ring of N ranks meets).
 """
 
 import csv
@@ -34,6 +36,18 @@ def ceilings(out):
     return single, each
 
 
+def ring_ceiling(out, ranks):
+    """Slowest of `ranks` iperf3 streams run at once, or None if not measured."""
+    rates = []
+    for k in range(1, ranks + 1):
+        try:
+            end = json.load(open(f"{out}/iperf3-ring{ranks}-{k}.json"))["end"]
+        except FileNotFoundError:
+            return None
+        rates.append(end["sum_received"]["bits_per_second"] / 8e9)
+    return min(rates)
+
+
 def main():
     out = sys.argv[1]
     rows = defaultdict(dict)
@@ -46,6 +60,10 @@ def main():
     print("```")
     print(open(f"{out}/machine.txt").read().rstrip())
     print(f"loopback ceiling (iperf3, 127.0.0.1): {single:.3f} GB/s one way, {bidir:.3f} GB/s per direction both ways")
+    for ranks in sorted({ranks for ranks, _ in rows}):
+        ring = ring_ceiling(out, ranks)
+        if ring is not None:
+            print(f"loopback ceiling for {ranks} ranks ({ranks} iperf3 streams at once): {ring:.3f} GB/s per stream")
     print("```")
     print()
 
@@ -53,8 +71,11 @@ def main():
     for (ranks, connections), sizes in sorted(rows.items()):
         print(f"### N={ranks}, --connections-per-ip {connections}")
         print()
-        print("| size | ringleader time (us) | MLX time (us) | ringleader busbw (GB/s) | MLX busbw (GB/s) | busbw ratio | ringleader busbw / one-way ceiling |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+        ring = ring_ceiling(out, ranks)
+        ring_header = f" ringleader busbw / {ranks}-stream ceiling |" if ring else ""
+        print("| size | ringleader time (us) | MLX time (us) | ringleader busbw (GB/s) | MLX busbw (GB/s) | busbw ratio | "
+              f"ringleader busbw / one-way ceiling |{ring_header}")
+        print("|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if ring else ""))
         for nbytes, impls in sorted(sizes.items()):
             ours, mlx = impls.get("ringleader"), impls.get("mlx")
             if not ours or not mlx:
@@ -67,6 +88,7 @@ def main():
             print(
                 f"| {human(nbytes)} | {float(ours['time_us']):.1f} | {float(mlx['time_us']):.1f} | "
                 f"{ours_bw:.3f} | {mlx_bw:.3f} | {ratio:.2f}x{checks} | {ours_bw / single:.0%} |"
+                + (f" {ours_bw / ring:.0%} |" if ring else "")
             )
             if nbytes >= MIB and ratio < 1.25:
                 verdicts.append(f"N={ranks} c={connections} {human(nbytes)}: busbw ratio {ratio:.2f}x is below 1.25x")
@@ -76,9 +98,11 @@ def main():
         ours = sizes[largest].get("ringleader")
         if ours:
             bw = float(ours["busbw_GBps"])
+            ring = ring_ceiling(out, ranks)
+            versus_ring = f", {bw / ring:.0%} of the {ranks}-stream ceiling" if ring else ""
             verdicts.append(
                 f"N={ranks} c={connections} {human(largest)}: busbw {bw:.3f} GB/s = {bw / single:.0%} of the one-way "
-                f"ceiling, {bw / bidir:.0%} of the per-direction two-way ceiling"
+                f"ceiling, {bw / bidir:.0%} of the per-direction two-way ceiling{versus_ring}"
             )
         print()
 
