@@ -19,13 +19,13 @@
 //! - Open MPI 5 gets `--output :raw`, as mlx.launch 0.32 passes it. Open MPI
 //!   4.1 has no such option and forwards output unbuffered by default, so it
 //!   gets none.
-//! - mpirun reaches remote hosts with its own ssh settings (Open MPI's
-//!   `plm_rsh_agent` and `plm_rsh_args`), so `--ssh-config` and the other
-//!   ssh options do not apply, and hostfile entries with `user`, `port` or
-//!   `identity` are rejected.
-//! - When the launcher itself is killed with SIGKILL, mpirun keeps running;
-//!   Open MPI puts each local rank in a process group of its own, so only
-//!   mpirun can stop them.
+//! - mpirun reaches remote hosts with its own ssh, which gets the launcher's
+//!   ssh options through Open MPI's `plm_rsh_args` parameter. Hostfile
+//!   entries with `user`, `port` or `identity` are rejected.
+//! - Open MPI puts each local rank in a process group of its own, so the
+//!   guard process and the sweep after mpirun ends find local ranks and
+//!   their children by `RINGLEADER_JOB_ID`. Ranks on remote hosts depend on
+//!   mpirun's own teardown.
 //! - `--tag-output`, `--output-dir` and `--stdin 0`/`all` do not apply:
 //!   mpirun forwards stdin to rank 0 and tags output with its own
 //!   `--tag-output`, which `--mpi-arg` can pass.
@@ -40,6 +40,7 @@ use nix::unistd::Pid;
 use tokio::sync::mpsc;
 
 use crate::exec::guard::Guard;
+use crate::exec::job_marker;
 use crate::exit::{self, LauncherSignal};
 use crate::hostfile::Host;
 
@@ -309,10 +310,15 @@ pub async fn run(
             return exit::FAILURE;
         }
     };
-    let argv = command.argv(hostfile.path());
+    // The job id marks every local process of the job, so processes that
+    // leave mpirun's process group are found and stopped too.
+    let job_id = job_marker::new_job_id();
+    let mut argv = command.argv(hostfile.path());
+    argv.splice(1..1, [OsString::from("-x"), OsString::from(job_marker::JOB_ID_VAR)]);
     tracing::debug!(?argv, "starting mpirun");
     let mut child = match tokio::process::Command::new(&argv[0])
         .args(&argv[1..])
+        .env(job_marker::JOB_ID_VAR, &job_id)
         .stdin(if options.stdin { Stdio::inherit() } else { Stdio::null() })
         .process_group(0)
         .spawn()
@@ -324,7 +330,7 @@ pub async fn run(
         }
     };
     let pid = Pid::from_raw(child.id().expect("a just-started child has a pid") as i32);
-    let guard = options.guard_program.as_deref().and_then(|program| match Guard::start(program, options.grace, None) {
+    let guard = options.guard_program.as_deref().and_then(|program| match Guard::start(program, options.grace, Some(&job_id)) {
         Ok(guard) => Some(guard),
         Err(error) => {
             tracing::warn!(%error, "cannot start the guard process; mpirun will keep running if the launcher is killed with SIGKILL");
@@ -370,6 +376,12 @@ pub async fn run(
     // Whatever mpirun left in its process group would outlive the job.
     let _ = killpg(pid, Signal::SIGKILL);
     drop(hostfile);
+    for process in job_marker::stop_job_processes(&job_marker::Selector::job(&job_id), options.grace).await {
+        eprintln!(
+            "ringleader: process {} ({}) had left mpirun's process group and outlived the job; stopped it",
+            process.pid, process.command
+        );
+    }
     if let Some(guard) = &guard {
         guard.release(pid.as_raw());
         guard.done();

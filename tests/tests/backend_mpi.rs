@@ -193,6 +193,24 @@ fn killed_launcher_leaves_no_mpi_rank() {
     assert!(output.stderr_text().contains("ended without stopping its ranks"), "{}", output.stderr_text());
 }
 
+/// A process that a rank starts in a session of its own leaves mpirun's
+/// process group; the job id it inherited still marks it for teardown.
+#[test]
+fn escaped_process_is_stopped_after_mpirun_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = unique_marker("mpi-escaped");
+    let env = format!("TEST_MARKER={marker}");
+    let dir_env = format!("DIR={}", dir.path().display());
+    let script = r#"setsid sh -c 'echo $$ > "$DIR/escaped-$OMPI_COMM_WORLD_RANK"; exec sleep 300' >/dev/null 2>&1 &
+while [ ! -s "$DIR/escaped-$OMPI_COMM_WORLD_RANK" ]; do sleep 0.01; done"#;
+    let output = run(&mut mpi_launch(&["-n", "2", "--env", &env, "--env", &dir_env, "--", "sh", "-c", script]), b"");
+
+    assert_eq!(output.code(), Some(0), "{}", output.stderr_text());
+    assert_eq!(survivors_after(&marker, Duration::from_secs(10)), Vec::<u32>::new());
+    let stderr = output.stderr_text();
+    assert_eq!(stderr.matches("had left mpirun's process group").count(), 2, "{stderr}");
+}
+
 /// mpirun logs in to ssh hosts with its own ssh; the launcher's --ssh-config
 /// must reach it, or the fixture's host aliases do not resolve.
 #[test]
