@@ -37,7 +37,7 @@ def ceilings(out):
 
 
 def ring_ceiling(out, ranks):
-    """Slowest of `ranks` iperf3 streams run at once, or None if not measured."""
+    """Return the slowest of `ranks` iperf3 streams run at once, or None if not measured."""
     rates = []
     for k in range(1, ranks + 1):
         try:

@@ -429,9 +429,10 @@ impl Spawner for HostSpawner {
     }
 }
 
-/// The launcher's stdout and stderr for rank output, and whether they collect
-/// writes themselves. A descriptor that cannot be duplicated (closed, say)
-/// falls back to tokio's writers, which report the error on first use.
+/// Opens the launcher's stdout and stderr for rank output and says whether
+/// they collect writes themselves. If a descriptor cannot be duplicated
+/// (because it is closed, say), tokio's writers are used instead, and they
+/// report the error on first use.
 fn launcher_streams() -> (ByteWriter, ByteWriter, bool) {
     match (output::BlockingSink::stdout(), output::BlockingSink::stderr()) {
         (Ok(stdout), Ok(stderr)) => (Box::new(stdout), Box::new(stderr), true),

@@ -194,7 +194,7 @@ fn killed_launcher_leaves_no_mpi_rank() {
 }
 
 /// A process that a rank starts in a session of its own leaves mpirun's
-/// process group; the job id it inherited still marks it for teardown.
+/// process group. The job id it inherited still marks it for teardown.
 #[test]
 fn escaped_process_is_stopped_after_mpirun_ends() {
     let dir = tempfile::tempdir().unwrap();
