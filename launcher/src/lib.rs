@@ -61,6 +61,7 @@ pub mod exec;
 pub mod exit;
 pub mod hostfile;
 pub mod hostlist;
+pub mod logging;
 pub mod mpi;
 pub mod net;
 pub mod output;
