@@ -156,6 +156,9 @@ async fn launch(cli: &Cli, plan: &LaunchPlan) -> i32 {
             return exit::FAILURE;
         }
     };
+    if let Err(error) = crate::signals::suspend_with_job(spawner.local.job_id().to_string()) {
+        tracing::warn!(%error, "cannot catch SIGTSTP; Ctrl-Z will suspend the launcher without its ranks");
+    }
     let report = supervisor::supervise(&plan.ranks, spawner.clone(), options, io).await;
     for process in spawner.local.stop_escaped().await {
         eprintln!(

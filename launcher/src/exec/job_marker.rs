@@ -160,6 +160,11 @@ pub fn stop_job_processes_blocking(selector: &Selector, grace: Duration) -> Vec<
     }
 }
 
+/// Sends `signal` to every live process that `selector` matches.
+pub fn signal_job_processes(selector: &Selector, signal: Signal) {
+    signal_all(&processes_of_job(selector), signal);
+}
+
 fn signal_all(processes: &[MarkedProcess], signal: Signal) {
     for process in processes {
         match kill(process.pid, signal) {
