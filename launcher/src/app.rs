@@ -75,6 +75,9 @@ pub fn run(cli: Cli) -> i32 {
         print_error(&error);
         return exit::USAGE;
     }
+    if let Some(warning) = preflight::master_port_warning(&plan) {
+        eprintln!("ringleader: warning: {warning}");
+    }
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -178,3 +178,22 @@ fn check_ring_ports(plan: &LaunchPlan) -> Result<(), PreflightError> {
     }
     Ok(())
 }
+
+/// Returns a warning when rank 0 runs on this machine and its MASTER_PORT is
+/// already in use there. The ring never binds that port, but PyTorch's
+/// rendezvous and other programs that read it listen on it, so the launch
+/// goes ahead with a warning instead of an error.
+pub fn master_port_warning(plan: &LaunchPlan) -> Option<String> {
+    let rank0 = plan.ranks.first().filter(|rank| is_local_name(&rank.host))?;
+    let value = |name: &str| rank0.env.iter().rev().find(|(key, _)| key == name).map(|(_, value)| value.clone());
+    let port: u16 = value("MASTER_PORT")?.parse().ok()?;
+    let address = value("MASTER_ADDR")?;
+    let ip = address.parse().unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    match TcpListener::bind((ip, port)) {
+        Err(error) if error.kind() == io::ErrorKind::AddrInUse => Some(format!(
+            "MASTER_PORT {port} is already in use on {address}: a program that listens there \
+             (PyTorch's rendezvous, for example) will fail to start\nhint: choose other ports with --starting-port"
+        )),
+        _ => None,
+    }
+}

@@ -204,6 +204,20 @@ fn busy_ring_port_is_reported_before_launch() {
     assert!(stderr.contains(&format!("ring port {} of rank 1", port + 1)), "{stderr}");
 }
 
+/// MASTER_PORT is the port after the ring ports. Only programs other than
+/// the ring listen there, so a busy one is a warning, not an error.
+#[test]
+fn busy_master_port_is_a_warning() {
+    let port = test_port_base();
+    let _listener = std::net::TcpListener::bind(("127.0.0.1", port + 2)).unwrap();
+    let output = launch(&["-n", "2", "-p", &port.to_string()], "echo \"rank $RANK port $MASTER_PORT\"");
+
+    assert_eq!(output.code(), Some(0), "{}", output.stderr_text());
+    assert!(output.stdout_text().contains(&format!("rank 0 port {}", port + 2)), "{}", output.stdout_text());
+    let stderr = output.stderr_text();
+    assert!(stderr.contains(&format!("warning: MASTER_PORT {} is already in use", port + 2)), "{stderr}");
+}
+
 #[test]
 fn dry_run_prints_the_plan_without_running() {
     let output = run(&mut ringleader(["-n", "2", "--dry-run", "--json", "--", "sh", "-c", "touch ran"]), b"");
