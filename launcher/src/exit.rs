@@ -60,6 +60,10 @@ pub struct Outcome {
     pub first_failure: Option<(usize, Termination)>,
     /// A rank could not be started (command not found, host unreachable).
     pub spawn_failed: bool,
+    /// Some of the ranks' output could not be written to the launcher's
+    /// streams or to `--output-dir` (a full disk, an I/O error). A reader
+    /// that went away does not count: the ranks get SIGPIPE instead.
+    pub output_lost: bool,
 }
 
 /// Maps an outcome to the launcher's exit code.
@@ -73,6 +77,7 @@ pub fn exit_code(outcome: &Outcome) -> i32 {
     match outcome.first_failure {
         Some((_, termination)) => termination_code(termination),
         None if outcome.spawn_failed => USAGE,
+        None if outcome.output_lost => FAILURE,
         None => SUCCESS,
     }
 }
@@ -109,9 +114,12 @@ mod tests {
                     timed_out: true,
                     first_failure: failure(Termination::Exited(7)),
                     spawn_failed: false,
+                    output_lost: true,
                 },
                 130,
             ),
+            (Outcome { output_lost: true, ..Default::default() }, 1),
+            (Outcome { output_lost: true, first_failure: failure(Termination::Exited(7)), ..Default::default() }, 7),
             (Outcome { interrupted: Some(LauncherSignal::Terminate), ..Default::default() }, 143),
             (Outcome { interrupted: Some(LauncherSignal::Hangup), ..Default::default() }, 129),
         ];

@@ -94,6 +94,8 @@ pub struct StreamWriter {
     tx: mpsc::UnboundedSender<Message>,
     /// Set once the launcher's stream is a broken pipe (its reader is gone).
     broken: Arc<AtomicBool>,
+    /// Set once output was lost for another reason; see [`StreamWriter::lost`].
+    lost: Arc<AtomicBool>,
 }
 
 /// Starts the writer task of one sink for `sources` sources. The writer
@@ -110,6 +112,7 @@ pub fn start_writer(
 ) -> (StreamWriter, tokio::task::JoinHandle<WriterEnd>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let broken = Arc::new(AtomicBool::new(false));
+    let lost = Arc::new(AtomicBool::new(false));
     let writer = Writer {
         sink: BufWriter::with_capacity(buffer, sink),
         labels,
@@ -121,13 +124,20 @@ pub fn start_writer(
         held: VecDeque::new(),
         scratch: Vec::new(),
         broken: broken.clone(),
-        failed: false,
+        lost: lost.clone(),
     };
     let handle = tokio::spawn(writer.run(rx));
-    (StreamWriter { tx, broken }, handle)
+    (StreamWriter { tx, broken, lost }, handle)
 }
 
 impl StreamWriter {
+    /// Returns a flag that becomes true once some output of the ranks could
+    /// not be written: to this writer's sink, or to a rank's `--output-dir`
+    /// file. A broken pipe does not set it.
+    pub fn lost(&self) -> Arc<AtomicBool> {
+        self.lost.clone()
+    }
+
     /// Forwards everything `reader` yields as the output of `source`, copying
     /// it to `copy` as well if given. Resolves once the stream ended and its
     /// last byte reached the sink.
@@ -170,6 +180,7 @@ impl StreamWriter {
                 if let Err(error) = file.write_all(&pending[start..start + n]).await {
                     let (rank, stream) = (source / 2, if source % 2 == 0 { "stdout" } else { "stderr" });
                     tracing::warn!(rank, stream, %error, "writing the rank's output file failed; the file is incomplete");
+                    self.lost.store(true, Ordering::Relaxed);
                     copy = None;
                 }
             }
@@ -235,8 +246,9 @@ struct Writer {
     scratch: Vec<u8>,
     /// Shared with the pumps; see [`StreamWriter`].
     broken: Arc<AtomicBool>,
-    /// Set once a failed write was reported, so it is reported only once.
-    failed: bool,
+    /// Shared with the pumps and set on the first failed write other than a
+    /// broken pipe, which is reported once.
+    lost: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -394,8 +406,7 @@ impl Writer {
             self.broken.store(true, Ordering::Relaxed);
             return;
         }
-        if !self.failed {
-            self.failed = true;
+        if !self.lost.swap(true, Ordering::Relaxed) {
             tracing::warn!(%error, "writing the ranks' output failed; output that cannot be written is lost");
         }
     }

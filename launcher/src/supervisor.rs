@@ -168,6 +168,7 @@ pub async fn supervise_with_hooks(
         };
         tokio::spawn(task.run());
     }
+    let output_lost = [stdout_writer.lost(), stderr_writer.lost()];
     drop((events_tx, stdin_registry, stdout_writer, stderr_writer));
 
     let timeout_at = options.timeout.map(|limit| Instant::now() + limit);
@@ -188,7 +189,7 @@ pub async fn supervise_with_hooks(
         }
     }
 
-    let report = supervisor.into_report();
+    let mut report = supervisor.into_report();
     // The writers finish once every rank task dropped its clone. Tasks of
     // ranks not confirmed dead may still keep theirs, so the wait is bounded.
     let ended = tokio::time::timeout(Duration::from_secs(1), async {
@@ -200,6 +201,10 @@ pub async fn supervise_with_hooks(
         (stdout_end, stderr_end)
     })
     .await;
+    if output_lost.iter().any(|lost| lost.load(std::sync::atomic::Ordering::Relaxed)) {
+        report.outcome.output_lost = true;
+        report.exit_code = exit::exit_code(&report.outcome);
+    }
     let mut text = summary(&report);
     if let Ok((stdout_end, stderr_end)) = ended {
         // On a shared file, a rank's unterminated last line must not run into the summary.

@@ -197,17 +197,20 @@ fn launcher_leaves_stdio_flags_as_it_found_them() {
     assert!(!flags(&stdin_read).contains(OFlag::O_NONBLOCK));
 }
 
+/// Output that cannot be written fails the job, as a full disk fails `cat`,
+/// even though every rank exited 0.
 #[test]
-fn output_lost_to_a_full_disk_is_reported_once() {
+fn output_lost_to_a_full_disk_fails_the_job() {
     let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("open /dev/full");
     let mut command = ringleader(["-n", "2", "--", "sh", "-c", "echo one; echo two"]);
     command.stdin(Stdio::null()).stdout(full).stderr(Stdio::piped());
     let output = command.output().expect("run the launcher");
 
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.matches("writing the ranks' output failed").count(), 1, "{stderr}");
     assert!(stderr.contains("No space left on device"), "{stderr}");
+    assert!(stderr.contains("every rank exited 0, but some of their output could not be written"), "{stderr}");
 }
 
 /// The launcher's own messages must not panic (exit 101) when stderr or

@@ -84,11 +84,17 @@ pub fn summary(report: &Report) -> String {
         .iter()
         .filter(|r| r.stopped_by.is_some() || !matches!(r.state, RankState::Ended(Termination::Exited(0))))
         .collect();
+    let outcome = &report.outcome;
     if notable.is_empty() {
-        return String::new();
+        return match outcome.output_lost {
+            true => format!(
+                "ringleader: every rank exited 0, but some of their output could not be written (see the warning above); exit code {}\n",
+                report.exit_code
+            ),
+            false => String::new(),
+        };
     }
 
-    let outcome = &report.outcome;
     let headline = if let Some(signal) = outcome.interrupted {
         format!("interrupted by {}", signal.name())
     } else if outcome.timed_out {
@@ -103,7 +109,13 @@ pub fn summary(report: &Report) -> String {
     } else {
         "the job did not finish cleanly".to_string()
     };
-    let mut text = format!("ringleader: {headline}; exit code {}\n", report.exit_code);
+    // "rank 1 failed with exit code 7" already gives the launcher's code.
+    let mut text = match outcome.first_failure {
+        Some((_, Termination::Exited(code))) if code == report.exit_code && outcome.interrupted.is_none() && !outcome.timed_out => {
+            format!("ringleader: {headline}\n")
+        }
+        _ => format!("ringleader: {headline}; exit code {}\n", report.exit_code),
+    };
     for rank in notable {
         let prefix = format!("rank {} on {}", rank.rank, rank.host);
         text += &format!("ringleader:   {prefix}");
@@ -172,6 +184,20 @@ mod tests {
         };
         let text = summary(&report);
         assert!(text.starts_with("ringleader: rank 0 was killed by SIGPIPE; exit code 141\n"), "{text}");
+    }
+
+    #[test]
+    fn failed_rank_code_is_not_repeated() {
+        let report = Report {
+            ranks: vec![rank(1, RankState::Ended(Termination::Exited(7)), None)],
+            outcome: Outcome {
+                first_failure: Some((1, Termination::Exited(7))),
+                ..Outcome::default()
+            },
+            exit_code: 7,
+        };
+        let text = summary(&report);
+        assert!(text.starts_with("ringleader: rank 1 failed with exit code 7\n"), "{text}");
     }
 
     #[test]
