@@ -1,6 +1,7 @@
 use clap::Parser;
 
 fn main() {
+    ringleader::exec::fd_limit::raise();
     // Subcommands are recognised only as the first argument, because the
     // launcher's own command line ends in the program to run.
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();

@@ -204,6 +204,22 @@ fn busy_ring_port_is_reported_before_launch() {
     assert!(stderr.contains(&format!("ring port {} of rank 1", port + 1)), "{stderr}");
 }
 
+/// Each local rank costs the launcher a few descriptors, so it raises its
+/// own soft limit, and the ranks still get the limit it started with.
+#[test]
+fn low_open_file_limit_still_starts_every_rank() {
+    let script = r#"ulimit -Sn 64 && exec "$RINGLEADER" -n 40 -p "$PORT" -- sh -c 'echo "limit $(ulimit -Sn)"'"#;
+    let mut command = std::process::Command::new("sh");
+    command
+        .args(["-c", script])
+        .env("RINGLEADER", ringleader_tests::bin("ringleader"))
+        .env("PORT", test_port_base().to_string());
+    let output = run(&mut command, b"");
+
+    assert_eq!(output.code(), Some(0), "{}", output.stderr_text());
+    assert_eq!(output.stdout_text().matches("limit 64\n").count(), 40, "{}", output.stdout_text());
+}
+
 /// MASTER_PORT is the port after the ring ports. Only programs other than
 /// the ring listen there, so a busy one is a warning, not an error.
 #[test]

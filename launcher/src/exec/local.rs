@@ -142,7 +142,7 @@ fn spawn_local(
         .stderr(Stdio::piped())
         .process_group(0);
     // SAFETY: the closure runs in the child between fork and exec and only
-    // calls signal(2), which is async-signal-safe.
+    // calls signal(2) and setrlimit(2), which are async-signal-safe.
     unsafe {
         command.pre_exec(|| {
             // Ranks run in background process groups. Ignoring SIGTTOU and
@@ -150,6 +150,7 @@ fn spawn_local(
             // the terminal into EIO, instead of stopping it forever.
             libc::signal(libc::SIGTTOU, libc::SIG_IGN);
             libc::signal(libc::SIGTTIN, libc::SIG_IGN);
+            super::fd_limit::restore_in_child();
             Ok(())
         });
     }

@@ -6,6 +6,7 @@
 //! group (or the simulated equivalent) so that a signal reaches everything the
 //! rank started.
 
+pub mod fd_limit;
 pub mod guard;
 pub mod job_marker;
 pub mod local;
