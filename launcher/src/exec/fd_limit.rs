@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The highest soft limit the launcher sets for itself.
-const WANTED: u64 = 65_536;
+const MAX_SOFT_LIMIT: u64 = 65_536;
 
 /// The soft and hard limits the launcher started with, once it raised its
 /// own; zero while unchanged.
@@ -15,14 +15,14 @@ static STARTED_SOFT: AtomicU64 = AtomicU64::new(0);
 static STARTED_HARD: AtomicU64 = AtomicU64::new(0);
 
 /// Raises the soft limit on open files to the hard limit, at most to
-/// [`WANTED`]. Failures leave the limit as it was.
+/// [`MAX_SOFT_LIMIT`]. Failures leave the limit as it was.
 pub fn raise() {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit only writes the struct it is given.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return;
     }
-    let target = limit.rlim_max.min(WANTED);
+    let target = limit.rlim_max.min(MAX_SOFT_LIMIT);
     if limit.rlim_cur >= target {
         return;
     }
