@@ -244,6 +244,8 @@ fn killed_launcher_leaves_no_local_rank() {
     let stderr = output.stderr_text();
     assert!(stderr.contains("ended without stopping its ranks; sent SIGTERM to 3"), "{stderr}");
     assert!(stderr.contains("1 rank process group(s) outlived the grace period"), "{stderr}");
+    // Rank 2's processes die in their group; none of them escaped it.
+    assert!(!stderr.contains("had left their rank's process group"), "{stderr}");
 }
 
 #[test]

@@ -34,6 +34,9 @@ pub const GUARD_SUBCOMMAND: &str = "__guard";
 /// How often the guard checks whether the groups it stopped are gone.
 const POLL: Duration = Duration::from_millis(20);
 
+/// How long the guard waits for SIGKILLed groups to be gone.
+const KILL_SETTLE: Duration = Duration::from_secs(2);
+
 /// The launcher's end of a running guard.
 #[derive(Debug)]
 pub struct Guard {
@@ -244,6 +247,12 @@ fn stop_orphaned_groups(launcher: u32, groups: &BTreeSet<i32>, grace: Duration) 
         alive.len(),
         grace
     ));
+    // Processes take a moment to die after SIGKILL. The search for escaped
+    // processes that follows would otherwise count them.
+    let deadline = Instant::now() + KILL_SETTLE;
+    while alive.iter().any(|&group| group_alive(group)) && Instant::now() < deadline {
+        std::thread::sleep(POLL);
+    }
 }
 
 /// Writes one line to stderr. A closed stderr must not stop the cleanup, so
