@@ -306,11 +306,16 @@ impl Writer {
         }
     }
 
-    /// Ends the owner's partial line and writes what waited for it.
+    /// Ends the owner's partial line and writes what waited for it. When what
+    /// waited starts with `\r`, it redraws the line anyway (two ranks' progress
+    /// bars, say), so no newline is added and the frames share one line.
     async fn release_owner(&mut self) {
         if let Some(owner) = self.owner.take() {
-            tracing::debug!(source = owner, waiting = self.held.len(), "ending a partial line that others waited for");
-            self.end_line(owner).await;
+            let redraw_next = matches!(self.held.front(), Some(Message::Data { bytes, .. }) if bytes.first() == Some(&b'\r'));
+            if !redraw_next {
+                tracing::debug!(source = owner, waiting = self.held.len(), "ending a partial line that others waited for");
+                self.end_line(owner).await;
+            }
         }
         self.write_held().await;
     }

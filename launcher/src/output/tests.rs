@@ -165,6 +165,20 @@ async fn redraw_with_leading_carriage_return_lets_others_through() {
     assert_eq!(harness.finish().await, "\r 10%\nb-line\n\r 20%");
 }
 
+/// Two ranks' progress bars take turns on one line: each frame starts with
+/// `\r` and replaces the line, so no newline goes between them.
+#[tokio::test]
+async fn progress_bars_of_two_ranks_share_a_line() {
+    let harness = Harness::new(None);
+    harness.chunk(0, b"\r 10%").await;
+    harness.chunk(1, b"\r 50%").await;
+    harness.chunk(0, b"\r 20%\n").await;
+    harness.chunk(1, b"\r 60%\n").await;
+    harness.end(0).await;
+    harness.end(1).await;
+    assert_eq!(harness.finish().await, "\r 10%\r 50%\r 20%\n\r 60%\n");
+}
+
 #[tokio::test]
 async fn chunk_ending_in_carriage_return_does_not_hold_others() {
     let harness = Harness::new(None);
