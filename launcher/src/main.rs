@@ -10,7 +10,7 @@ fn main() {
         Some(ringleader::exec::guard::GUARD_SUBCOMMAND) => ringleader::exec::guard::run(&args[2..]),
         Some(name @ ("config" | "doctor")) => {
             let args = std::iter::once(format!("ringleader {name}").into()).chain(args[2..].iter().cloned());
-            init_tracing(false);
+            let _log = init_tracing(false);
             if name == "config" {
                 ringleader::app::run_config(ringleader::cli::ConfigCli::parse_from(args))
             } else {
@@ -19,22 +19,27 @@ fn main() {
         }
         _ => {
             let cli = ringleader::cli::Cli::parse_checked(&args);
-            init_tracing(cli.verbose);
+            let _log = init_tracing(cli.verbose);
             ringleader::app::run(cli)
         }
     };
     std::process::exit(code);
 }
 
-/// Logs go to stderr; `RUST_LOG` overrides the level `--verbose` picks.
-fn init_tracing(verbose: bool) {
+/// Logs go to stderr; `RUST_LOG` overrides the level `--verbose` picks. A
+/// thread of their own writes them, so a reader that stopped reading (a
+/// paused pager) never stalls the launcher's event loop. Dropping the
+/// returned guard writes what is queued, waiting about a second at most.
+fn init_tracing(verbose: bool) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let default = if verbose { "ringleader=debug" } else { "ringleader=warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(false)
         .event_format(ringleader::logging::Format::new("ringleader", verbose))
         .init();
+    guard
 }

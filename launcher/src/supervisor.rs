@@ -132,7 +132,7 @@ pub async fn supervise_with_hooks(
     io: LauncherIo,
     hooks: SimulatorHooks,
 ) -> Report {
-    let SimulatorHooks { forget_rank, mut summary_fallback } = hooks;
+    let SimulatorHooks { forget_rank, summary_fallback } = hooks;
     let LauncherIo { stdout, stderr, stdin, mut signals, merge_streams, buffered_streams } = io;
     // Source 2r is rank r's stdout and 2r + 1 its stderr, in either writer.
     let sources = 2 * ranks.len();
@@ -217,11 +217,22 @@ pub async fn supervise_with_hooks(
     } else {
         stderr = None;
     }
-    if let (Some(sink), false) = (stderr.as_mut().or(summary_fallback.as_mut()), text.is_empty()) {
-        let _ = sink.write_all(text.as_bytes()).await;
-        let _ = sink.flush().await;
-    } else if !text.is_empty() {
-        eprint!("{text}");
+    if !text.is_empty() {
+        let mut sink = match stderr.or(summary_fallback) {
+            Some(sink) => sink,
+            None => Box::new(tokio::io::stderr()) as ByteWriter,
+        };
+        // A reader that stopped reading (a pager, a full pipe) must not keep
+        // the launcher from ending: a signal gives up on the summary.
+        tokio::select! {
+            _ = async {
+                let _ = sink.write_all(text.as_bytes()).await;
+                let _ = sink.flush().await;
+            } => {}
+            Some(signal) = signals.recv() => {
+                tracing::debug!(signal = signal.name(), "the summary could not be written; ending without it");
+            }
+        }
     }
     report
 }

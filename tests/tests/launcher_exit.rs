@@ -353,3 +353,40 @@ fn interrupt_sends_sigterm_to_leftovers_ignoring_it() {
     assert!(output.elapsed < Duration::from_secs(30), "the leftover waited for the grace period: {:?}", output.elapsed);
     assert_eq!(survivors_after(&marker, Duration::from_secs(5)), Vec::<u32>::new());
 }
+
+/// A reader that stops reading (a pager, say) leaves the launcher's output
+/// pipe full. Signals must still end the launcher, even though its summary
+/// can no longer be written.
+#[test]
+fn full_output_pipe_does_not_keep_the_launcher_alive() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_unread, pipe) = nix::unistd::pipe().unwrap();
+    let script = r#"touch "$DIR/up-$MLX_RANK"; head -c 2000000 /dev/zero; exec sleep 100"#;
+    let mut command = ringleader(["-n", "2", "--grace", "1", "--stdin", "none", "--env"]);
+    command.arg(format!("DIR={}", dir.path().display())).arg("--").args(sh(script));
+    command.stdout(std::fs::File::from(pipe.try_clone().unwrap())).stderr(std::fs::File::from(pipe));
+    println!("$ {command:?}");
+    let mut child = command.spawn().unwrap();
+    let launcher = Pid::from_raw(child.id() as i32);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !(0..2).all(|rank| dir.path().join(format!("up-{rank}")).exists()) && std::time::Instant::now() < deadline {
+        // Polling interval, not synchronisation: the deadline bounds the wait.
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Each signal past the repeat window is a new request; the launcher
+    // must end after a few, whatever it still had to write.
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = kill(launcher, Signal::SIGKILL);
+            let _ = child.wait();
+            break None;
+        }
+        let _ = kill(launcher, Signal::SIGTERM);
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(status.and_then(|status| status.code()), Some(143), "the launcher did not end on SIGTERM");
+}
