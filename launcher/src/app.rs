@@ -94,12 +94,18 @@ pub fn run(cli: Cli) -> i32 {
 /// Prints an error with its causes on one line, then its hint lines, as
 /// "ringleader: error: what failed: cause\nhint: what to do".
 pub fn print_error(error: &dyn std::error::Error) {
+    print_error_of("ringleader", error);
+}
+
+/// Prints an error as [`print_error`] does, after `program` ("ringleader
+/// config", say) in place of "ringleader".
+pub fn print_error_of(program: &str, error: &dyn std::error::Error) {
     let text = error.to_string();
     let (headline, hint) = match text.split_once("\nhint:") {
         Some((headline, hint)) => (headline.to_string(), Some(hint)),
         None => (text.clone(), None),
     };
-    let mut line = format!("ringleader: error: {headline}");
+    let mut line = format!("{program}: error: {headline}");
     let mut source = error.source();
     while let Some(cause) = source {
         let cause_text = cause.to_string();

@@ -30,7 +30,7 @@ pub fn host_name(index: usize) -> String {
 
 /// Something that goes wrong.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Fault {
     /// Every process on the host dies; the agent stops listening.
     CrashHost {
@@ -364,6 +364,13 @@ mod tests {
             let error = schedule.validate(8).unwrap_err();
             assert!(error.contains(expected), "{fault}: {error}");
         }
+    }
+
+    #[test]
+    fn misspelled_fault_field_is_rejected() {
+        let text = r#"{"scenario": "all-sum", "seed": 1, "faults": [{"at_ms": 100, "kind": "crash_host", "hots": 1}]}"#;
+        let error = serde_json::from_str::<Schedule>(text).unwrap_err().to_string();
+        assert!(error.contains("unknown field `hots`"), "{error}");
     }
 
     #[test]

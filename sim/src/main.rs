@@ -407,12 +407,10 @@ fn run_sweep(
 fn print_summary(outcomes: &[SeedOutcome], wall: std::time::Duration) {
     let passed = outcomes.iter().filter(|o| o.passed()).count();
     let sim_ms: u64 = outcomes.iter().map(|o| o.sim_ms).sum();
-    let mut by_exit: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    // Keyed by number, so codes sort as numbers; `None` (no exit) comes first.
+    let mut by_exit: std::collections::BTreeMap<Option<i32>, (usize, usize)> = Default::default();
     for outcome in outcomes {
-        let key = outcome
-            .exit_code
-            .map_or("none".to_string(), |c| c.to_string());
-        let entry = by_exit.entry(key).or_default();
+        let entry = by_exit.entry(outcome.exit_code).or_default();
         entry.0 += 1;
         if !outcome.passed() {
             entry.1 += 1;
@@ -420,6 +418,7 @@ fn print_summary(outcomes: &[SeedOutcome], wall: std::time::Duration) {
     }
     println!("{:<12} {:>6} {:>8}", "exit code", "runs", "failed");
     for (code, (runs, failed)) in &by_exit {
+        let code = code.map_or("none".to_string(), |code| code.to_string());
         println!("{code:<12} {runs:>6} {failed:>8}");
     }
     let wall_s = wall.as_secs_f64();

@@ -29,7 +29,7 @@ pub fn run_doctor(cli: DoctorCli) -> i32 {
     let (hostfile, edges, command) = match prepared {
         Ok(prepared) => prepared,
         Err(error) => {
-            eprintln!("ringleader doctor: error: {error}");
+            super::print_error_of("ringleader doctor", &error);
             return exit::USAGE;
         }
     };
@@ -156,7 +156,7 @@ pub fn run_config(cli: ConfigCli) -> i32 {
     let mut hostfile = match checked_env {
         Ok((hostfile, _)) => hostfile,
         Err(error) => {
-            eprintln!("ringleader config: error: {error}");
+            super::print_error_of("ringleader config", &error);
             return exit::USAGE;
         }
     };
