@@ -177,6 +177,12 @@ impl Cli {
         if start > 0 && args[start - 1] == "--" {
             return cli;
         }
+        // With --python the command may start with the interpreter's own
+        // options (`-c CODE`, `-m MODULE`, `-u`), as with mlx.launch.
+        const PYTHON_OPTIONS: [&str; 12] = ["-c", "-m", "-u", "-O", "-OO", "-B", "-E", "-I", "-s", "-S", "-X", "-W"];
+        if cli.python.is_some() && PYTHON_OPTIONS.contains(&first.as_str()) {
+            return cli;
+        }
         // Parsing again without hyphen values reads attached values such
         // as `-n2` (taken for the command above), and otherwise gives
         // clap's own message, with its suggestion of a similar option.
@@ -405,6 +411,15 @@ mod tests {
         }
         let argv: Vec<std::ffi::OsString> = ["ringleader", "-p40000", "true"].into_iter().map(Into::into).collect();
         assert_eq!(Cli::parse_checked(&argv).starting_port, 40000);
+    }
+
+    #[test]
+    fn python_options_start_the_command_after_python() {
+        let argv: Vec<std::ffi::OsString> =
+            ["ringleader", "-n", "2", "--python", "python3", "-c", "print(1)"].into_iter().map(Into::into).collect();
+        let cli = Cli::parse_checked(&argv);
+        assert_eq!(cli.python.as_deref(), Some("python3"));
+        assert_eq!(cli.command, ["-c", "print(1)"]);
     }
 
     #[test]
