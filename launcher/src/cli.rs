@@ -141,7 +141,8 @@ pub struct Cli {
     #[arg(long, help_heading = "Output")]
     pub tag_output: bool,
 
-    /// Also write each rank's output to DIR/rank-N.stdout and DIR/rank-N.stderr.
+    /// Also write each rank's output to DIR/rank-N.stdout and DIR/rank-N.stderr,
+    /// replacing such files of an earlier job in DIR.
     #[arg(long, value_name = "DIR", help_heading = "Output")]
     pub output_dir: Option<PathBuf>,
 

@@ -49,8 +49,35 @@ pub fn check(plan: &LaunchPlan, output_dir: Option<&Path>) -> Result<(), Preflig
     }
     if let Some(dir) = output_dir {
         check_output_dir(dir)?;
+        remove_stale_rank_files(dir, plan.ranks.len());
     }
     Ok(())
+}
+
+/// Removes `rank-N.stdout` and `rank-N.stderr` files of ranks this job does
+/// not have (N at least `ranks`), left by an earlier, larger job, so DIR
+/// holds this job's output only. The files of this job's ranks are
+/// replaced when the ranks start.
+fn remove_stale_rank_files(dir: &Path, ranks: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rank) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix("rank-"))
+            .and_then(|rest| rest.strip_suffix(".stdout").or_else(|| rest.strip_suffix(".stderr")))
+            .and_then(|number| number.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        if rank >= ranks {
+            if let Err(error) = std::fs::remove_file(entry.path()) {
+                tracing::debug!(file = %entry.path().display(), %error, "cannot remove an earlier job's rank file");
+            }
+        }
+    }
 }
 
 /// Creates the output directory if needed and checks that files can be

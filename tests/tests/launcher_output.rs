@@ -123,6 +123,28 @@ fn output_dir_keeps_each_rank_stream() {
     }
 }
 
+/// A smaller job in the same directory leaves no files of the earlier
+/// job's extra ranks, so the directory holds one job's output.
+#[test]
+fn output_dir_drops_files_of_ranks_the_job_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("logs");
+    std::fs::create_dir(&out).unwrap();
+    for name in ["rank-2.stdout", "rank-2.stderr", "rank-10.stdout", "notes.txt", "rank-x.stdout"] {
+        std::fs::write(out.join(name), "earlier job\n").unwrap();
+    }
+    let output = run(&mut ringleader(["-n", "2", "--output-dir", out.to_str().unwrap(), "--", "true"]), b"");
+
+    assert_eq!(output.code(), Some(0), "{}", output.stderr_text());
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let expected = ["notes.txt", "rank-0.stderr", "rank-0.stdout", "rank-1.stderr", "rank-1.stdout", "rank-x.stdout"];
+    assert_eq!(names, expected);
+}
+
 #[test]
 fn output_written_just_before_failure_is_not_lost() {
     let script = r#"if [ "$MLX_RANK" = 1 ]; then seq 1 20000; exit 4; fi; exec sleep 60"#;
