@@ -56,7 +56,7 @@ pub fn check(plan: &LaunchPlan, output_dir: Option<&Path>) -> Result<(), Preflig
 
 /// Removes `rank-N.stdout` and `rank-N.stderr` files of ranks this job does
 /// not have (N at least `ranks`), left by an earlier, larger job, so DIR
-/// holds this job's output only. The files of this job's ranks are
+/// contains this job's output only. The files of this job's ranks are
 /// replaced when the ranks start.
 fn remove_stale_rank_files(dir: &Path, ranks: usize) {
     let Ok(entries) = std::fs::read_dir(dir) else {
