@@ -26,12 +26,20 @@ fn main() {
     std::process::exit(code);
 }
 
+/// Log lines that wait for the stderr thread at most.
+const LOG_QUEUE_LINES: usize = 4096;
+
 /// Logs go to stderr; `RUST_LOG` overrides the level `--verbose` picks. A
 /// thread of their own writes them, so a reader that stopped reading (a
 /// paused pager) never stalls the launcher's event loop. Dropping the
 /// returned guard writes what is queued, waiting about a second at most.
 fn init_tracing(verbose: bool) -> tracing_appender::non_blocking::WorkerGuard {
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    // The queue's slots are allocated up front, and the default of 128,000
+    // lines costs a few milliseconds at every start; the launcher logs far
+    // fewer lines than this, and drops lines beyond it.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .finish(std::io::stderr());
     let default = if verbose { "ringleader=debug" } else { "ringleader=warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
