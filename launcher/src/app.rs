@@ -441,7 +441,7 @@ impl Spawner for HostSpawner {
     }
 }
 
-/// Opens the launcher's stdout and stderr for rank output and says whether
+/// Opens the launcher's stdout and stderr for rank output and returns whether
 /// they collect writes themselves. If a descriptor cannot be duplicated
 /// (because it is closed, say), tokio's writers are used instead, and they
 /// report the error on first use.

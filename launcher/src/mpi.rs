@@ -457,7 +457,7 @@ pub fn mpi_library_name(mpirun: &Path) -> Option<String> {
 mod tests {
 
     #[test]
-    fn ssh_args_go_to_plm_rsh_args_without_spaces() {
+    fn ssh_args_fill_plm_rsh_args() {
         let mut command = MpiCommand {
             program: "mpirun".into(),
             hostfile: String::new(),

@@ -408,8 +408,8 @@ struct RankTask {
     spec: RankSpec,
     spawner: Arc<dyn Spawner>,
     controls: mpsc::UnboundedReceiver<RankSignal>,
-    /// Becomes true when teardown starts; `None` for the rank the planted
-    /// simulator bug forgets.
+    /// A flag that becomes true when teardown starts. It is `None` for the
+    /// rank that the planted simulator bug omits.
     stopping: Option<watch::Receiver<bool>>,
     events: mpsc::UnboundedSender<Event>,
     stdout: StreamWriter,

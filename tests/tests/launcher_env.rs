@@ -149,7 +149,7 @@ fn invalid_input_exits_2_with_a_clear_message() {
     let no_ips = write("no_ips.json", "[{\"ssh\": \"127.0.0.1\", \"ips\": []}, {\"ssh\": \"127.0.0.1\", \"ips\": []}]");
     let script = write("script.sh", "echo hi\n");
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
-    // root may write to a directory with mode 0555, but nobody to /proc/1.
+    // root may write to a directory with mode 0555, but no user may write to /proc/1.
     let read_only = if nix::unistd::geteuid().is_root() {
         "/proc/1".to_string()
     } else {

@@ -162,7 +162,7 @@ fn second_signal_kills_at_once() {
 /// GNU timeout sends SIGTERM to the launcher and then to its whole process
 /// group, so the launcher gets the same signal twice at once.
 #[test]
-fn same_signal_twice_at_once_keeps_the_grace_period() {
+fn repeated_signal_keeps_grace_period() {
     let marker = unique_marker("repeat");
     let env = format!("TEST_MARKER={marker}");
     let mut command = ringleader(["-n", "2", "--grace", "30", "--stdin", "none", "--verbose", "--env", &env, "--"]);
@@ -358,7 +358,7 @@ fn interrupt_sends_sigterm_to_leftovers_ignoring_it() {
 /// pipe full. Signals must still end the launcher, even though its summary
 /// can no longer be written.
 #[test]
-fn full_output_pipe_does_not_keep_the_launcher_alive() {
+fn stalled_output_pipe_ends_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let (_unread, pipe) = nix::unistd::pipe().unwrap();
     let script = r#"touch "$DIR/up-$MLX_RANK"; head -c 2000000 /dev/zero; exec sleep 100"#;

@@ -124,9 +124,9 @@ fn output_dir_keeps_each_rank_stream() {
 }
 
 /// A smaller job in the same directory leaves no files of the earlier
-/// job's extra ranks, so the directory holds one job's output.
+/// job's extra ranks, so the directory contains one job's output.
 #[test]
-fn output_dir_drops_files_of_ranks_the_job_lacks() {
+fn output_dir_drops_stale_rank_files() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("logs");
     std::fs::create_dir(&out).unwrap();
@@ -222,7 +222,7 @@ fn launcher_leaves_stdio_flags_as_it_found_them() {
 /// Output that cannot be written fails the job, as a full disk fails `cat`,
 /// even though every rank exited 0.
 #[test]
-fn output_lost_to_a_full_disk_fails_the_job() {
+fn full_disk_fails_the_job() {
     let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("open /dev/full");
     let mut command = ringleader(["-n", "2", "--", "sh", "-c", "echo one; echo two"]);
     command.stdin(Stdio::null()).stdout(full).stderr(Stdio::piped());

@@ -154,7 +154,7 @@ fn ctrl_c_on_the_terminal_interrupts_remote_ranks() {
     assert_eq!(survivors_after(&marker, TEARDOWN_BOUND), Vec::<u32>::new());
 }
 
-/// Teardown must not wait for a host that never answers the ssh handshake,
+/// Teardown must not wait for a host that never completes the ssh handshake,
 /// nor report a rank that never started as possibly alive.
 #[test]
 fn teardown_abandons_a_rank_still_connecting() {
@@ -266,8 +266,8 @@ fn relative_cwd_is_resolved_where_the_launcher_runs() {
 }
 
 /// A process that left a remote rank's process group keeps the ssh
-/// session's output open; once the rank ends it must be stopped, or the
-/// launcher waits for it.
+/// session's output open. Once the rank ends, that process must be stopped,
+/// because otherwise the launcher waits for it.
 #[test]
 fn detached_remote_process_is_stopped_with_its_rank() {
     let sshd = Sshd::start();

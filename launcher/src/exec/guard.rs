@@ -163,12 +163,12 @@ pub fn run(args: &[OsString]) -> i32 {
     crate::exit::SUCCESS
 }
 
-/// What the launcher wrote to the guard before the pipe closed.
+/// The messages the launcher wrote to the guard before the pipe closed.
 #[derive(Debug, Default, PartialEq)]
 struct Messages {
     /// Groups added and not removed.
     groups: BTreeSet<i32>,
-    /// Whether the launcher said it stopped every process of the job.
+    /// Whether the launcher reported that it stopped every process of the job.
     done: bool,
     /// Temporary files of the job, removed unless `done` came.
     files: Vec<PathBuf>,

@@ -118,28 +118,16 @@ fn is_zombie(pid: u32) -> bool {
 
 /// Sends SIGTERM to the processes `selector` matches, and SIGKILL to those
 /// still alive after `grace`. Returns the processes that were found first.
+/// The polling runs on a blocking thread, off the caller's event loop.
 pub async fn stop_job_processes(selector: &Selector, grace: Duration) -> Vec<MarkedProcess> {
-    let found = processes_of_job(selector);
-    if found.is_empty() {
-        return found;
-    }
-    signal_all(&found, Signal::SIGTERM);
-    let deadline = tokio::time::Instant::now() + grace;
-    loop {
-        let alive = processes_of_job(selector);
-        if alive.is_empty() {
-            return found;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            signal_all(&alive, Signal::SIGKILL);
-            return found;
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    let selector = selector.clone();
+    tokio::task::spawn_blocking(move || stop_job_processes_blocking(&selector, grace))
+        .await
+        .unwrap_or_default()
 }
 
-/// Stops processes as [`stop_job_processes`] does, blocking the thread, for
-/// the guard process.
+/// Stops processes as [`stop_job_processes`] does, blocking the thread. The
+/// guard process calls it directly.
 pub fn stop_job_processes_blocking(selector: &Selector, grace: Duration) -> Vec<MarkedProcess> {
     let found = processes_of_job(selector);
     if found.is_empty() {

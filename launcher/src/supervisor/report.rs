@@ -201,7 +201,7 @@ mod tests {
     }
 
     #[test]
-    fn start_error_keeps_its_hint_on_its_own_line() {
+    fn start_error_hint_on_own_line() {
         let error = "rank 1 on node01: command not found: train.py\nhint: check the command's path and PATH on that host";
         let report = Report {
             ranks: vec![rank(1, RankState::SpawnFailed(error.into()), Some(StopCause::RankFailed(1)))],

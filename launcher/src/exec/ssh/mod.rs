@@ -105,11 +105,11 @@ pub struct SshOptions {
     /// Maximum rank sessions sharing one connection. sshd's `MaxSessions`
     /// defaults to 10, and the agent takes one. Default: 8.
     pub max_sessions_per_connection: usize,
-    /// The job's `RINGLEADER_JOB_ID`. When set, every rank gets it, and once
-    /// a rank has ended, the processes on its host that still carry it and
-    /// the rank's `MLX_RANK` (they left the rank's process group) are
-    /// stopped; Linux hosts only, since they are found in /proc. Default:
-    /// none.
+    /// The job's `RINGLEADER_JOB_ID`. When set, every rank gets it. Once a
+    /// rank has ended, the processes on its host that still carry it and the
+    /// rank's `MLX_RANK` have left the rank's process group, so they are
+    /// stopped. This works on Linux hosts only, because they are found in
+    /// /proc. Default: none.
     pub job_id: Option<String>,
 }
 
